@@ -1,0 +1,50 @@
+"""``corral host ...``: what this host offers."""
+
+from __future__ import annotations
+
+import json
+
+import click
+
+
+@click.group()
+def host() -> None:
+    """Inspect this host."""
+
+
+@host.command("info")
+@click.option("--json", "as_json", is_flag=True, help="Machine-readable output.")
+@click.option("--emulator", default="qemu-system-x86_64", show_default=True)
+@click.option(
+    "--policy",
+    "policy_file",
+    default=None,
+    type=click.Path(dir_okay=False),
+    help="Host policy file to show (default /etc/corral/host.yaml if present).",
+)
+def info(as_json: bool, emulator: str, policy_file: str | None) -> None:
+    """qemu version, whether KVM really works (probed), machines, OVMF, swtpm, tools."""
+    from corral.qemu.fingerprint import host_info
+    from corral.spec import load_policy
+
+    facts = host_info(emulator)
+    policy = load_policy(policy_file)
+    if as_json:
+        data = facts.to_dict()
+        data["policy"] = policy.model_dump(mode="json", by_alias=True)
+        click.echo(json.dumps(data, indent=2))
+        return
+    click.echo(f"qemu:         {facts.emulator} {facts.qemu_version}")
+    kvm = "yes" if facts.kvm_usable else "no"
+    click.echo(f"kvm usable:   {kvm} ({facts.kvm_reason})")
+    click.echo(f"accelerators: {', '.join(facts.accelerators)}")
+    named = [m for m in facts.machines if m in ("q35", "pc", "microvm")]
+    click.echo(f"machines:     {', '.join(named)} (+{len(facts.machines) - len(named)} versioned)")
+    for kind, files in facts.firmware.items():
+        click.echo(f"firmware {kind + ':':<10}{files['code'] if files else 'not found'}")
+    click.echo(f"swtpm:        {facts.swtpm or 'not found (apt-get install swtpm swtpm-tools)'}")
+    for tool, path in facts.tools.items():
+        click.echo(f"{tool + ':':<14}{path or 'not found'}")
+    click.echo(f"tsc kHz:      {facts.tsc_khz}")
+    paths = policy.image_paths if policy.image_paths is not None else "any"
+    click.echo(f"policy:       imagePaths={paths} argsAllowlist={policy.args_allowlist}")

@@ -1,0 +1,56 @@
+"""``corral``: entry point, error handling and exit codes.
+
+Exit codes: 0 ok, 1 a corral error (one clear line per problem on stderr), 2 usage error.
+``--debug`` (or ``CORRAL_DEBUG=1``) shows the traceback instead.
+"""
+
+from __future__ import annotations
+
+import os
+from typing import Any
+
+import click
+
+from corral import __version__
+
+
+class _Group(click.Group):
+    def invoke(self, ctx: click.Context) -> Any:
+        from corral.errors import CorralError
+
+        try:
+            return super().invoke(ctx)
+        except CorralError as exc:
+            if ctx.params.get("debug") or os.environ.get("CORRAL_DEBUG") == "1":
+                raise
+            click.echo(f"error: {exc.message}", err=True)
+            for issue in exc.issues:
+                click.echo(f"  {issue}", err=True)
+            ctx.exit(1)
+
+
+@click.group(cls=_Group, context_settings={"help_option_names": ["-h", "--help"]})
+@click.option("--debug", is_flag=True, help="Show tracebacks for errors.")
+@click.version_option(__version__, prog_name="corral")
+def cli(debug: bool) -> None:
+    """Run and manage QEMU virtual machines without libvirt."""
+
+
+def _register() -> None:
+    from corral.cli import host, render
+
+    cli.add_command(render.render)
+    cli.add_command(render.validate)
+    cli.add_command(render.schema)
+    cli.add_command(host.host)
+
+
+_register()
+
+
+def main() -> None:
+    cli(prog_name="corral")
+
+
+if __name__ == "__main__":  # pragma: no cover
+    main()

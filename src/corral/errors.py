@@ -1,0 +1,111 @@
+"""The one error tree of corral.
+
+Every failure that corral means to report to a user is a :class:`CorralError`. The CLI turns
+it into one line on stderr and an exit code; the REST API into an
+``application/problem+json`` body (``problem_type`` and ``status`` below) that carries the
+field path for validation errors.
+
+::
+
+    CorralError
+     ├── SpecError            the VM document is invalid (field path + reason for each issue)
+     ├── PolicyError          the document is valid but the host policy refuses it
+     ├── NotFound             a named VM, image or file does not exist
+     ├── Conflict             a stale resourceVersion, a duplicate name, a busy resource
+     ├── HostError            the host lacks something (qemu binary, OVMF, swtpm, a tool)
+     └── QemuError            qemu failed to start or answered a command with an error
+"""
+
+from __future__ import annotations
+
+from collections.abc import Iterable, Sequence
+from dataclasses import dataclass
+
+__all__ = [
+    "Conflict",
+    "CorralError",
+    "FieldIssue",
+    "HostError",
+    "NotFound",
+    "PolicyError",
+    "QemuError",
+    "SpecError",
+]
+
+
+@dataclass(frozen=True)
+class FieldIssue:
+    """One problem with one field: ``loc`` is the dotted path, e.g. ``spec.vm.disks[0].path``."""
+
+    loc: str
+    reason: str
+
+    def __str__(self) -> str:
+        return f"{self.loc}: {self.reason}" if self.loc else self.reason
+
+
+class CorralError(Exception):
+    """Root of the tree. ``status`` is the HTTP status the REST API maps it to."""
+
+    status: int = 500
+    problem_type: str = "about:blank"
+
+    def __init__(self, message: str, issues: Iterable[FieldIssue] = ()) -> None:
+        self.issues: tuple[FieldIssue, ...] = tuple(issues)
+        super().__init__(message)
+
+    @property
+    def message(self) -> str:
+        return str(self.args[0]) if self.args else ""
+
+    def __str__(self) -> str:
+        if not self.issues:
+            return self.message
+        details = "; ".join(str(i) for i in self.issues)
+        return f"{self.message}: {details}"
+
+
+class SpecError(CorralError):
+    """The VM document (or a host policy file) does not validate."""
+
+    status = 422
+    problem_type = "urn:corral:invalid-spec"
+
+    @classmethod
+    def single(cls, loc: str, reason: str) -> SpecError:
+        return cls("invalid VM document", [FieldIssue(loc, reason)])
+
+
+class PolicyError(CorralError):
+    """The host policy refuses a valid document (image path, extra args, emulator, limits)."""
+
+    status = 422
+    problem_type = "urn:corral:policy-refused"
+
+    @classmethod
+    def of(cls, issues: Sequence[FieldIssue]) -> PolicyError:
+        return cls("refused by host policy", issues)
+
+
+class NotFound(CorralError):
+    status = 404
+    problem_type = "urn:corral:not-found"
+
+
+class Conflict(CorralError):
+    status = 409
+    problem_type = "urn:corral:conflict"
+
+
+class HostError(CorralError):
+    """Something the host must provide is missing or broken; the message says what to install."""
+
+    status = 503
+    problem_type = "urn:corral:host"
+
+
+class QemuError(CorralError):
+    """qemu (or qemu-img, swtpm) failed, or a QMP command returned an error."""
+
+    status = 502
+    problem_type = "urn:corral:qemu"

@@ -1,0 +1,136 @@
+"""Where a VM's files live and how its argv is rendered: shared by ``corral run``,
+``corral render`` and (later) the manager and the Kubernetes operator.
+
+Directory defaults follow VM-Operator's runner: data (overlays, firmware vars, TPM state, the
+persisted UUID) under ``$XDG_DATA_HOME/corral/<name>`` (``/var/lib/corral/vms/<name>`` for
+root), runtime files (sockets, pidfile, console log) under ``$XDG_RUNTIME_DIR/corral/<name>``
+(``/run/corral/<name>`` for root). The document's ``runner:`` section overrides the defaults;
+explicit arguments (CLI flags) override the document.
+"""
+
+from __future__ import annotations
+
+import os
+import uuid
+from dataclasses import dataclass
+from pathlib import Path
+
+from corral.qemu.argv import RenderContext, render_argv
+from corral.qemu.fingerprint import (
+    find_emulator,
+    firmware_for,
+    host_tsc_khz,
+    resolve_accelerator,
+)
+from corral.spec import HostPolicy, VmDocument, check_policy
+
+__all__ = ["RunnerPaths", "render_for_host", "resolve_paths"]
+
+
+@dataclass(frozen=True)
+class RunnerPaths:
+    data_dir: Path
+    runtime_dir: Path
+    status_file: Path
+    display_secret_file: Path | None
+    emulator: str
+
+    @property
+    def uuid_file(self) -> Path:
+        return self.data_dir / "uuid"
+
+    @property
+    def efivars(self) -> Path:
+        return self.data_dir / "efivars.fd"
+
+    @property
+    def seed_image(self) -> Path:
+        return self.data_dir / "cidata.img"
+
+
+def _default_base(env: str, root_default: str, home_fallback: str) -> Path:
+    value = os.environ.get(env)
+    if value:
+        return Path(value) / "corral"
+    if os.geteuid() == 0:
+        return Path(root_default)
+    return Path.home() / home_fallback / "corral"
+
+
+def resolve_paths(
+    doc: VmDocument,
+    *,
+    data_dir: str | None = None,
+    runtime_dir: str | None = None,
+    status_file: str | None = None,
+    display_secret_file: str | None = None,
+    emulator: str | None = None,
+) -> RunnerPaths:
+    settings = doc.runner
+    data = data_dir or (settings.data_dir if settings else None)
+    runtime = runtime_dir or (settings.runtime_dir if settings else None)
+    data_path = (
+        Path(data)
+        if data
+        else _default_base("XDG_DATA_HOME", "/var/lib/corral/vms", ".local/share") / doc.name
+    )
+    if runtime:
+        runtime_path = Path(runtime)
+    elif os.environ.get("XDG_RUNTIME_DIR") or os.geteuid() == 0:
+        runtime_path = _default_base("XDG_RUNTIME_DIR", "/run/corral", ".cache") / doc.name
+    else:
+        runtime_path = Path(f"/tmp/corral-{os.getuid()}") / doc.name
+    status = status_file or (settings.status_file if settings else None)
+    secret = display_secret_file or (settings.display_secret_file if settings else None)
+    chosen_emulator = emulator or (settings.emulator if settings else None) or "qemu-system-x86_64"
+    return RunnerPaths(
+        data_dir=data_path,
+        runtime_dir=runtime_path,
+        status_file=Path(status) if status else runtime_path / "status.json",
+        display_secret_file=Path(secret) if secret else None,
+        emulator=chosen_emulator,
+    )
+
+
+def machine_uuid(doc: VmDocument, paths: RunnerPaths) -> uuid.UUID | None:
+    """The spec's UUID, else the one persisted in the data dir (if any)."""
+    if doc.vm.machine_uuid is not None:
+        return doc.vm.machine_uuid
+    try:
+        return uuid.UUID(paths.uuid_file.read_text().strip())
+    except (OSError, ValueError):
+        return None
+
+
+def render_for_host(
+    doc: VmDocument,
+    paths: RunnerPaths,
+    policy: HostPolicy,
+    *,
+    accelerator: str | None = None,
+    paused: bool = True,
+    no_shutdown: bool = True,
+) -> list[str]:
+    """Check the host policy, resolve the accelerator and firmware, and render the argv.
+
+    Raises ``PolicyError`` before anything else if the policy refuses the document.
+    """
+    check_policy(doc, policy, emulator=paths.emulator)
+    emulator = find_emulator(paths.emulator)
+    accel = accelerator or resolve_accelerator(doc.vm.accelerator.value, emulator)
+    firmware = (
+        firmware_for(doc.vm.firmware.value, str(paths.efivars)) if doc.vm.firmware.is_uefi else None
+    )
+    ctx = RenderContext(
+        runtime_dir=str(paths.runtime_dir),
+        data_dir=str(paths.data_dir),
+        accelerator=accel,
+        machine_uuid=machine_uuid(doc, paths),
+        firmware=firmware,
+        seed_image=str(paths.seed_image) if doc.spec.cloud_init is not None else None,
+        paused=paused,
+        no_shutdown=no_shutdown,
+        tsc_khz=host_tsc_khz(),
+        template_dirs=tuple(policy.template_dirs),
+    )
+    return render_argv(doc, ctx, emulator=emulator)
