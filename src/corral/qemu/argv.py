@@ -16,6 +16,7 @@ The template sees ``vm``, a plain view of the document computed here (see
 
 from __future__ import annotations
 
+import functools
 import re
 import uuid
 from collections.abc import Mapping, Sequence
@@ -411,7 +412,9 @@ class _Values:
             out.append(node)
 
 
-def _environment(template_dirs: Sequence[str]) -> jinja2.Environment:
+@functools.lru_cache(maxsize=16)
+def _environment(template_dirs: tuple[str, ...]) -> jinja2.Environment:
+    """One environment per search path, so each template is compiled once per process."""
     search = [*template_dirs, str(PACKAGE_TEMPLATES)]
     return jinja2.Environment(
         loader=jinja2.FileSystemLoader(search),
@@ -429,7 +432,7 @@ def render_argv(
     """The full argv (``argv[0]`` is the emulator) for the document's VM type."""
     view = build_view(doc, ctx)
     values = _Values()
-    env = _environment(ctx.template_dirs)
+    env = _environment(tuple(ctx.template_dirs))
     name = doc.vm.template_name
     try:
         template = env.get_template(f"{name}.yaml.j2")
