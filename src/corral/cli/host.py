@@ -34,17 +34,19 @@ def info(as_json: bool, emulator: str, policy_file: str | None) -> None:
         data["policy"] = policy.model_dump(mode="json", by_alias=True)
         click.echo(json.dumps(data, indent=2))
         return
-    click.echo(f"qemu:         {facts.emulator} {facts.qemu_version}")
+    click.echo(f"qemu:               {facts.emulator} {facts.qemu_version}")
     kvm = "yes" if facts.kvm_usable else "no"
-    click.echo(f"kvm usable:   {kvm} ({facts.kvm_reason})")
-    click.echo(f"accelerators: {', '.join(facts.accelerators)}")
+    click.echo(f"kvm usable:         {kvm} ({facts.kvm_reason})")
+    click.echo(f"accelerators:       {', '.join(facts.accelerators)}")
     named = [m for m in facts.machines if m in ("q35", "pc", "microvm")]
-    click.echo(f"machines:     {', '.join(named)} (+{len(facts.machines) - len(named)} versioned)")
+    others = len(facts.machines) - len(named)
+    click.echo(f"machines:           {', '.join(named)} (+{others} versioned)")
     for kind, files in facts.firmware.items():
-        click.echo(f"firmware {kind + ':':<10}{files['code'] if files else 'not found'}")
-    click.echo(f"swtpm:        {facts.swtpm or 'not found (apt-get install swtpm swtpm-tools)'}")
+        click.echo(f"{'ovmf ' + kind + ':':<20}{files['code'] if files else 'not found'}")
+    swtpm = facts.swtpm or "not found (apt-get install swtpm swtpm-tools)"
+    click.echo(f"swtpm:              {swtpm}")
     for tool, path in facts.tools.items():
-        click.echo(f"{tool + ':':<14}{path or 'not found'}")
-    click.echo(f"tsc kHz:      {facts.tsc_khz}")
+        click.echo(f"{tool + ':':<20}{path or 'not found'}")
+    click.echo(f"tsc kHz:            {facts.tsc_khz}")
     paths = policy.image_paths if policy.image_paths is not None else "any"
-    click.echo(f"policy:       imagePaths={paths} argsAllowlist={policy.args_allowlist}")
+    click.echo(f"policy:             imagePaths={paths} argsAllowlist={policy.args_allowlist}")

@@ -35,9 +35,12 @@ _ACCELS = click.Choice(["auto", "kvm", "tcg"])
     help="Host policy file (default /etc/corral/host.yaml if present).",
 )
 @click.option(
+    "--standalone",
     "--no-pause",
+    "standalone",
     is_flag=True,
-    help="Leave out -S: qemu starts the guest at once (for use without a runner).",
+    help="For qemu without a runner: leave out -S (start the guest at once) and "
+    "-no-shutdown (qemu exits when the guest powers off).",
 )
 def render(
     config: str,
@@ -46,7 +49,7 @@ def render(
     data_dir: str | None,
     runtime_dir: str | None,
     policy_file: str | None,
-    no_pause: bool,
+    standalone: bool,
 ) -> None:
     """Print the qemu argv for a VM document, one argument per line, without starting it.
 
@@ -62,7 +65,14 @@ def render(
     resolved = None
     if accel is not None:
         resolved = resolve_accelerator(accel, find_emulator(paths.emulator))
-    argv = render_for_host(doc, paths, policy, accelerator=resolved, paused=not no_pause)
+    argv = render_for_host(
+        doc,
+        paths,
+        policy,
+        accelerator=resolved,
+        paused=not standalone,
+        no_shutdown=not standalone,
+    )
     if as_json:
         click.echo(json.dumps(argv, indent=2))
     else:

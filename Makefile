@@ -1,0 +1,69 @@
+# corral: two commands for a fresh Debian bookworm machine (as root):
+#   make run    installs what it needs and boots a real demo VM
+#   make test   installs what it needs and runs the whole test suite
+# Other targets: lint, bench, deps, guests, clean.
+
+SHELL := /bin/bash
+.DEFAULT_GOAL := help
+
+VENV    ?= .venv
+PY      := $(VENV)/bin/python
+PYTEST_ARGS ?=
+
+# Debian packages corral and its tests use at run time. The guest builder (guests/build.py)
+# installs the few it needs on top of these (debootstrap, busybox-static, ...) by itself.
+APT_PACKAGES := qemu-system-x86 qemu-utils swtpm swtpm-tools ovmf \
+	mtools dosfstools genisoimage cpio zstd busybox-static debootstrap \
+	python3-venv
+APT_COMMANDS := qemu-system-x86_64 qemu-img swtpm swtpm_setup mcopy mkfs.vfat genisoimage \
+	cpio zstd busybox debootstrap
+
+.PHONY: help run test lint bench deps deps-system deps-python guests clean
+
+help:
+	@echo "make run    - boot the demo VM (installs qemu & co. if missing)"
+	@echo "make test   - run the whole test suite (unit + integration + e2e)"
+	@echo "make lint   - ruff, mypy --strict, import-linter"
+	@echo "make bench  - benchmarks (writes results to bench/results/)"
+
+deps: deps-system deps-python
+
+deps-system:
+	@missing=""; \
+	for c in $(APT_COMMANDS); do command -v $$c >/dev/null 2>&1 || PATH="$$PATH:/usr/sbin:/sbin" command -v $$c >/dev/null 2>&1 || missing="$$missing $$c"; done; \
+	[ -e /usr/share/OVMF/OVMF_CODE_4M.fd ] || [ -e /usr/share/OVMF/OVMF_CODE.fd ] || missing="$$missing ovmf"; \
+	python3 -c 'import ensurepip' 2>/dev/null || missing="$$missing venv"; \
+	if [ -n "$$missing" ]; then \
+		echo "[deps] missing:$$missing -> apt-get install"; \
+		export DEBIAN_FRONTEND=noninteractive; \
+		apt-get update -qq && apt-get install -y -qq --no-install-recommends $(APT_PACKAGES); \
+	fi
+
+$(VENV)/.installed: pyproject.toml
+	@test -x $(PY) || python3 -m venv $(VENV)
+	$(PY) -m pip install -q --upgrade pip
+	$(PY) -m pip install -q -e '.[dev]'
+	@touch $@
+
+deps-python: $(VENV)/.installed
+
+guests: deps
+	$(PY) guests/build.py all
+
+run: deps
+	$(PY) examples/demo.py
+
+test: deps lint
+	$(PY) -m pytest $(PYTEST_ARGS)
+
+lint: deps-python
+	$(VENV)/bin/ruff check src tests guests examples bench
+	$(VENV)/bin/ruff format --check src tests guests examples bench
+	$(VENV)/bin/mypy src
+	$(VENV)/bin/lint-imports
+
+bench: deps
+	$(PY) -m bench
+
+clean:
+	rm -rf $(VENV) build .pytest_cache .mypy_cache .ruff_cache
