@@ -163,7 +163,7 @@ def probe_kvm(
     if use_cache and key:
         try:
             data = json.loads(cache.read_text())
-            if data.get("key") == key:
+            if isinstance(data, dict) and data.get("key") == key:
                 return KvmProbe(bool(data["usable"]), str(data["reason"]), cached=True)
         except (OSError, ValueError, KeyError):
             pass

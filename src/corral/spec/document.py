@@ -131,6 +131,7 @@ _PATH_KEYS = {
     ("vm", "kernel"),
     ("vm", "initrd"),
     ("vde", "socket"),
+    ("bridge", "helper"),
     ("runner", "dataDir"),
     ("runner", "runtimeDir"),
     ("runner", "statusFile"),

@@ -84,7 +84,7 @@ PathStr = Annotated[str, AfterValidator(_path)]
 
 
 def _mac(value: str) -> str:
-    if not _MAC.match(value):
+    if not _MAC.fullmatch(value):
         raise ValueError("must be a MAC address like 52:54:00:12:34:56")
     if int(value[:2], 16) & 1:
         raise ValueError("must be a unicast MAC (the lowest bit of the first octet is set)")
@@ -575,6 +575,10 @@ class RunnerSettings(_Model):
     status_file: PathStr | None = None
     display_secret_file: PathStr | None = None
     emulator: PathStr | None = None
+    boot_marker: Text | None = Field(
+        default=None,
+        description="text on the serial console that means 'booted' (besides the guest agent)",
+    )
 
 
 class VmDocument(_Model):

@@ -3,7 +3,8 @@
 Like Nomad's qemu driver: ``imagePaths`` bounds every host path a document names (disks,
 CD images, base images, kernels), after resolving symlinks and ``..``; ``argsAllowlist`` lists
 the qemu options ``extraArgs`` may use (every argument starting with ``-`` must be listed; the
-default allows none); ``emulators`` lists the qemu binaries a runner may execute.
+default allows none; any other argument must directly follow an option, because qemu opens a
+stray value as a disk image); ``emulators`` lists the qemu binaries a runner may execute.
 
 A missing policy file means the defaults below: any image path, no extra args, the standard
 emulator. Hosts shared between users should ship ``/etc/corral/host.yaml``.
@@ -117,6 +118,7 @@ def check_policy(doc: VmDocument, policy: HostPolicy, emulator: str | None = Non
                     )
                 )
     allowed_args = set(policy.args_allowlist)
+    after_flag = False
     for i, arg in enumerate(doc.vm.extra_args):
         if arg.startswith("-") and arg not in allowed_args:
             issues.append(
@@ -126,6 +128,15 @@ def check_policy(doc: VmDocument, policy: HostPolicy, emulator: str | None = Non
                     f"({sorted(allowed_args) or 'empty: no extra args allowed'})",
                 )
             )
+        elif not arg.startswith("-") and not after_flag:
+            # qemu takes a value that follows no option as a disk image (-hda)
+            issues.append(
+                FieldIssue(
+                    f"spec.vm.extraArgs[{i}]",
+                    f"{arg!r} follows no option: qemu would open it as a disk image",
+                )
+            )
+        after_flag = arg.startswith("-")
     chosen = emulator or (doc.runner.emulator if doc.runner else None)
     if chosen is not None and not _emulator_allowed(chosen, policy.emulators):
         issues.append(
