@@ -1,42 +1,24 @@
 """Build the test guests (guests/build.py, cached) and boot them with raw QEMU under TCG.
 
 The first run builds the images (tiny: seconds; debian: a few minutes); later runs reuse
-``$CORRAL_CACHE_DIR`` (default ``~/.cache/corral/guests``). KVM is never used: tests must pass
-on hosts whose /dev/kvm is absent or broken.
+``$CORRAL_CACHE_DIR`` (default ``~/.cache/corral/guests``); the ``tiny_guest``,
+``debian_guest`` and ``short_dir`` fixtures come from ``conftest.py``. KVM is never used:
+tests must pass on hosts whose /dev/kvm is absent or broken.
 """
 
 from __future__ import annotations
 
 import contextlib
-import importlib.util
 import json
 import re
-import sys
 import time
 from collections.abc import Iterator
 from pathlib import Path
-from types import ModuleType
 from typing import Any
 
 import pytest
 
-GUESTS_DIR = Path(__file__).resolve().parents[2] / "guests"
-
-
-def _load(name: str, filename: str) -> ModuleType:
-    """Import guests/<filename> under a unique module name (``build`` is a PyPI name too)."""
-    if name in sys.modules:
-        return sys.modules[name]
-    spec = importlib.util.spec_from_file_location(name, GUESTS_DIR / filename)
-    assert spec is not None and spec.loader is not None
-    module = importlib.util.module_from_spec(spec)
-    sys.modules[name] = module
-    spec.loader.exec_module(module)
-    return module
-
-
-guest_build: Any = _load("corral_guests_build", "build.py")
-tk: Any = _load("corral_guests_testkit", "testkit.py")
+from tests.integration.harness import guest_build, require_tools, tk
 
 pytestmark = [pytest.mark.integration, pytest.mark.slow]
 
@@ -45,47 +27,16 @@ DEBIAN_BOOT_TIMEOUT = 600.0
 POWERDOWN_TIMEOUT = 60.0
 
 
-def _require(tools: dict[str, str]) -> None:
-    missing = tk.missing_tools(tools)
-    if missing:
-        pytest.fail("missing host tools, install: " + ", ".join(missing), pytrace=False)
-
-
-def _build(fn: Any) -> Any:
-    try:
-        return fn()
-    except guest_build.BuildError as exc:
-        pytest.fail(f"guest build failed: {exc}", pytrace=False)
-
-
-@pytest.fixture(scope="session")
-def tiny_guest() -> Any:
-    _require(tk.QEMU_TOOLS)
-    return _build(guest_build.build_tiny)
-
-
-@pytest.fixture(scope="session")
-def debian_guest() -> Any:
-    _require(tk.QEMU_TOOLS)
-    return _build(guest_build.build_debian)
-
-
-@pytest.fixture
-def sockdir() -> Iterator[Path]:
-    with tk.short_tmpdir() as d:
-        yield d
-
-
 @contextlib.contextmanager
-def _booted(argv: list[str], sockdir: Path) -> Iterator[tuple[Any, Any, Any, Any]]:
+def _booted(argv: list[str], short_dir: Path) -> Iterator[tuple[Any, Any, Any, Any]]:
     """Start QEMU; yield (vm, console, qmp, qga). Everything is closed/killed on exit."""
     with contextlib.ExitStack() as stack:
-        vm = stack.enter_context(tk.QemuProcess(argv, sockdir / "qemu.log"))
-        console = tk.SerialConsole.connect(sockdir / "serial.sock", vm)
+        vm = stack.enter_context(tk.QemuProcess(argv, short_dir / "qemu.log"))
+        console = tk.SerialConsole.connect(short_dir / "serial.sock", vm)
         stack.callback(console.close)
-        qmp = tk.QmpClient.connect(sockdir / "qmp.sock", vm)
+        qmp = tk.QmpClient.connect(short_dir / "qmp.sock", vm)
         stack.callback(qmp.close)
-        qga = tk.QgaClient.connect(sockdir / "qga.sock", vm)
+        qga = tk.QgaClient.connect(short_dir / "qga.sock", vm)
         stack.callback(qga.close)
         yield vm, console, qmp, qga
 
@@ -117,9 +68,9 @@ def test_tiny_manifest(tiny_guest: Any) -> None:
 
 @pytest.mark.timeout(300)
 @pytest.mark.parametrize("machine", ["q35", "microvm"])
-def test_tiny_boot_ping_powerdown(tiny_guest: Any, sockdir: Path, machine: str) -> None:
-    argv = tk.tiny_argv(tiny_guest.kernel, tiny_guest.initrd, sockdir, machine=machine)
-    with _booted(argv, sockdir) as (vm, console, qmp, qga):
+def test_tiny_boot_ping_powerdown(tiny_guest: Any, short_dir: Path, machine: str) -> None:
+    argv = tk.tiny_argv(tiny_guest.kernel, tiny_guest.initrd, short_dir, machine=machine)
+    with _booted(argv, short_dir) as (vm, console, qmp, qga):
         console.wait_for(tk.READY_MARKER, TINY_BOOT_TIMEOUT)
         boot_s = vm.elapsed()
         qga.sync(timeout=30)
@@ -133,11 +84,11 @@ def test_tiny_boot_ping_powerdown(tiny_guest: Any, sockdir: Path, machine: str) 
 
 @pytest.mark.timeout(300)
 @pytest.mark.parametrize("tpm_model", ["tpm-crb", "tpm-tis"])
-def test_tiny_q35_devices(tiny_guest: Any, sockdir: Path, tpm_model: str) -> None:
+def test_tiny_q35_devices(tiny_guest: Any, short_dir: Path, tpm_model: str) -> None:
     """A SCSI CD-ROM ISO mounts, swtpm shows up as /dev/tpm0, DHCP on virtio-net works."""
-    _require({**tk.ISO_TOOLS, **tk.TPM_TOOLS})
-    iso = tk.make_iso(sockdir / "test.iso", {"hello.txt": "hello from the iso\n"})
-    with tk.Swtpm(sockdir / "tpm", sockdir / "swtpm.sock", sockdir / "swtpm.log") as tpm:
+    require_tools({**tk.ISO_TOOLS, **tk.TPM_TOOLS})
+    iso = tk.make_iso(short_dir / "test.iso", {"hello.txt": "hello from the iso\n"})
+    with tk.Swtpm(short_dir / "tpm", short_dir / "swtpm.sock", short_dir / "swtpm.log") as tpm:
         # fmt: off
         extra = [
             *tpm.qemu_args(tpm_model),
@@ -148,8 +99,8 @@ def test_tiny_q35_devices(tiny_guest: Any, sockdir: Path, tpm_model: str) -> Non
             "-device", "virtio-net-pci,netdev=net0",
         ]
         # fmt: on
-        argv = tk.tiny_argv(tiny_guest.kernel, tiny_guest.initrd, sockdir, extra=extra)
-        with _booted(argv, sockdir) as (vm, console, qmp, qga):
+        argv = tk.tiny_argv(tiny_guest.kernel, tiny_guest.initrd, short_dir, extra=extra)
+        with _booted(argv, short_dir) as (vm, console, qmp, qga):
             console.wait_for(tk.READY_MARKER, TINY_BOOT_TIMEOUT)
             qga.sync(timeout=30)
 
@@ -167,23 +118,36 @@ def test_tiny_q35_devices(tiny_guest: Any, sockdir: Path, tpm_model: str) -> Non
 
 
 @pytest.mark.timeout(300)
-def test_tiny_q35_cpu_hotplug(tiny_guest: Any, sockdir: Path) -> None:
-    """A CPU added with QMP device_add is onlined by the guest's /init loop.
+def test_tiny_q35_cpu_hotplug(tiny_guest: Any, short_dir: Path) -> None:
+    """A CPU added with QMP device_add appears in the guest and comes online.
+
+    The tiny guest leaves hot-plugged CPUs offline (as a guest without a udev rule does);
+    onlining is the runner's job, so the test does what the runner does: the guest agent's
+    ``guest-set-vcpus``.
 
     Ends with QMP ``quit``, not a powerdown: under TCG (QEMU 7.2) the first IPIs to a
     hot-added vCPU are sometimes lost, so the guest either stalls ~8-15 s right after the
     hot-add or, less often, hangs later in poweroff (stop-other-CPUs IPI). KVM does not have
     this problem; the powerdown path is covered by the other tests.
     """
-    argv = tk.tiny_argv(tiny_guest.kernel, tiny_guest.initrd, sockdir, smp="1,maxcpus=4")
-    with _booted(argv, sockdir) as (vm, console, qmp, _qga):
+    argv = tk.tiny_argv(tiny_guest.kernel, tiny_guest.initrd, short_dir, smp="1,maxcpus=4")
+    with _booted(argv, short_dir) as (vm, console, qmp, qga):
         console.wait_for(tk.READY_MARKER, TINY_BOOT_TIMEOUT)
+        qga.sync(timeout=30)
         slots = qmp.execute("query-hotpluggable-cpus")
         free = next(s for s in slots if "qom-path" not in s)
         qmp.execute("device_add", {"driver": free["type"], "id": "hotcpu1", **free["props"]})
         added = time.monotonic()
         deadline = added + 60
         while True:
+            vcpus = qga.execute("guest-get-vcpus", timeout=60)
+            offline = [v["logical-id"] for v in vcpus if not v["online"]]
+            if offline:
+                qga.execute(
+                    "guest-set-vcpus",
+                    {"vcpus": [{"logical-id": n, "online": True} for n in offline]},
+                    timeout=60,
+                )
             _rc, out = console.run("cat /sys/devices/system/cpu/online", timeout=60)
             if out.strip() == "0-1":
                 break
@@ -208,19 +172,19 @@ META_DATA = "instance-id: corral-test-1\nlocal-hostname: corral-ci\n"
 
 
 @pytest.mark.timeout(1500)
-def test_debian_cloud_init_boot(debian_guest: Any, sockdir: Path) -> None:
-    _require(tk.SEED_TOOLS)
-    overlay = tk.make_overlay(debian_guest.disk, sockdir / "overlay.qcow2")
-    seed = tk.make_cidata(sockdir / "seed.img", USER_DATA, META_DATA)
+def test_debian_cloud_init_boot(debian_guest: Any, short_dir: Path) -> None:
+    require_tools(tk.SEED_TOOLS)
+    overlay = tk.make_overlay(debian_guest.disk, short_dir / "overlay.qcow2")
+    seed = tk.make_cidata(short_dir / "seed.img", USER_DATA, META_DATA)
     argv = tk.debian_argv(
         debian_guest.kernel,
         debian_guest.initrd,
         overlay,
-        sockdir,
+        short_dir,
         seed=seed,
         extra=["-netdev", "user,id=net0", "-device", "virtio-net-pci,netdev=net0"],
     )
-    with _booted(argv, sockdir) as (vm, console, qmp, qga):
+    with _booted(argv, short_dir) as (vm, console, qmp, qga):
         console.wait_for(tk.READY_MARKER, DEBIAN_BOOT_TIMEOUT)
         boot_s = vm.elapsed()
         qga.sync(timeout=60)

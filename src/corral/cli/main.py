@@ -37,12 +37,13 @@ def cli(debug: bool) -> None:
 
 
 def _register() -> None:
-    from corral.cli import host, render
+    from corral.cli import host, render, run
 
     cli.add_command(render.render)
     cli.add_command(render.validate)
     cli.add_command(render.schema)
     cli.add_command(host.host)
+    cli.add_command(run.run)
 
 
 _register()

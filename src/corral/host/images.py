@@ -1,0 +1,700 @@
+"""The manager's base-image store: named, verified, read-only images VMs overlay.
+
+Layout: one directory, ``ROOT/<name>`` is the image (mode 0444: base images are never
+written) and ``ROOT/.<name>.json`` its metadata sidecar (:class:`ImageRecord` without the
+path). Image names never start with a dot, so sidecars and temporary files (also hidden)
+never collide with an image.
+
+The contract a crash or a failure keeps:
+
+* An image is in the store when its file *and* its sidecar exist; the sidecar is the commit
+  record. An import downloads or copies into a hidden temporary file in ``ROOT``, hashes it
+  on the way, verifies the checksum, probes it with ``qemu-img info``, fsyncs it, and only
+  then publishes the file (:mod:`.atomic`: a link or a rename, never a partial file under
+  the final name) and after it the sidecar. Deleting and replacing remove the sidecar
+  *first*, so a crash in between leaves at worst an orphan: a complete file without a
+  sidecar. It is not listed, blocks its name (:class:`Conflict`) until it is deleted or
+  imported over with ``replace=True``.
+* Any failure (bad source, HTTP error, checksum mismatch, an unusable image, cancellation)
+  removes the temporary file; nothing else was written yet. The publish step has no await
+  in it, so a cancellation lands before it (nothing published) or after it (import done).
+* Publishing and deleting hold an exclusive ``flock`` on ``ROOT`` itself, so two managers
+  (or processes) sharing a store cannot interleave a file with someone else's sidecar.
+
+Only ``qcow2`` and ``raw`` images are accepted (the VM document's disk formats), and never
+one with a backing file or an external data file: a downloaded image naming
+``/dev/sda`` or ``/etc/shadow`` as its backing file would hand host data to a guest.
+
+Sources are a local file (copied) or an ``http://``/``https://`` URL (downloaded with
+urllib in a worker thread); untrusted strings never reach a shell.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import builtins
+import contextlib
+import fcntl
+import functools
+import hashlib
+import http.client
+import json
+import os
+import re
+import stat
+import threading
+import time
+import urllib.error
+import urllib.parse
+import urllib.request
+from collections.abc import AsyncIterator, Callable, Iterator, Sequence
+from dataclasses import dataclass
+from datetime import UTC, datetime
+from pathlib import Path
+from typing import IO, Protocol, TypeVar
+
+from corral import __version__
+from corral.errors import Conflict, FieldIssue, HostError, NotFound, SpecError
+from corral.host.atomic import ensure_private_dir, publish_new, publish_replace, temp_sibling
+from corral.host.overlay import DISK_FORMATS, image_info
+from corral.host.process import run_tool
+
+__all__ = ["CHECKSUM_ALGORITHMS", "ImageRecord", "ImageStore", "Progress"]
+
+Progress = Callable[[int, int | None], None]
+"""``progress(done_bytes, total_bytes_or_None)``, called on the event loop's thread."""
+
+CHECKSUM_ALGORITHMS: dict[str, int] = {"sha256": 64, "sha512": 128, "md5": 32}
+"""Accepted ``checksum`` algorithms (as in Nomad's artifact checksums) -> hex digest length."""
+
+_NAME = re.compile(r"[A-Za-z0-9_-][A-Za-z0-9._-]{0,127}")
+_URL_SCHEME = re.compile(r"[A-Za-z][A-Za-z0-9+.-]*://")
+_CHUNK = 1024 * 1024
+_REPORT_EVERY_BYTES = 1024 * 1024
+_REPORT_EVERY_SECONDS = 0.2
+_READ_TIMEOUT = 60.0
+_CANCEL_GRACE = 5.0
+_LOCK_POLL = 0.01
+_SIDECAR_VERSION = 1
+_USER_AGENT = f"corral/{__version__}"
+
+_T = TypeVar("_T")
+
+
+def _import_error(loc: str, reason: str) -> SpecError:
+    return SpecError("invalid image import", [FieldIssue(loc, reason)])
+
+
+@dataclass(frozen=True)
+class ImageRecord:
+    """One stored image. ``sha256`` is of the stored file; ``created`` is ISO-8601 (UTC);
+    ``source`` is the URL or absolute path it was imported from; ``actual_size`` is the bytes
+    it takes on disk (zero runs are stored as holes, so a raw image may take less than its
+    size)."""
+
+    name: str
+    path: Path
+    format: str
+    virtual_size: int
+    actual_size: int
+    sha256: str
+    created: str
+    source: str
+
+    def to_json(self) -> dict[str, str | int]:
+        """The record with camelCase keys, as the REST API and the CLI show it."""
+        return {
+            "name": self.name,
+            "path": str(self.path),
+            "format": self.format,
+            "virtualSize": self.virtual_size,
+            "actualSize": self.actual_size,
+            "sha256": self.sha256,
+            "created": self.created,
+            "source": self.source,
+        }
+
+
+def _check_name(name: str) -> None:
+    if not isinstance(name, str) or _NAME.fullmatch(name) is None:
+        raise _import_error(
+            "name",
+            "must be 1-128 letters, digits, '.', '_' or '-', not starting with '.'",
+        )
+
+
+def _parse_checksum(checksum: str) -> tuple[str, str]:
+    """``"sha256:HEX"`` -> ``("sha256", "hex")``; anything malformed is a SpecError."""
+    algorithm, sep, digest = checksum.partition(":")
+    algorithm = algorithm.strip().lower()
+    digest = digest.strip().lower()
+    length = CHECKSUM_ALGORITHMS.get(algorithm)
+    if not sep or length is None:
+        names = ", ".join(f"{a}:HEX" for a in CHECKSUM_ALGORITHMS)
+        raise _import_error("checksum", f"must be one of {names}")
+    if len(digest) != length or re.fullmatch(r"[0-9a-f]+", digest) is None:
+        raise _import_error("checksum", f"a {algorithm} digest is {length} hex digits")
+    return algorithm, digest
+
+
+@dataclass(frozen=True)
+class _Source:
+    url: str | None
+    path: Path | None
+
+    @property
+    def display(self) -> str:
+        return self.url if self.url is not None else str(self.path)
+
+
+def _parse_source(source: str) -> _Source:
+    if not source:
+        raise _import_error("source", "must be a file path or an http(s):// URL")
+    if _URL_SCHEME.match(source) is None:
+        return _Source(url=None, path=Path(os.path.abspath(source)))
+    parts = urllib.parse.urlsplit(source)
+    if parts.scheme.lower() not in ("http", "https"):
+        raise _import_error("source", f"URL scheme {parts.scheme!r} is not http or https")
+    if not parts.hostname:
+        raise _import_error("source", "URL has no host")
+    if parts.username is not None or parts.password is not None:
+        # They would end up in the sidecar and in error messages.
+        raise _import_error("source", "credentials in the URL are not supported")
+    try:
+        _ = parts.port
+    except ValueError as exc:
+        raise _import_error("source", f"bad port in URL: {exc}") from exc
+    return _Source(url=source, path=None)
+
+
+class _Hasher(Protocol):
+    def update(self, data: bytes, /) -> None: ...
+    def hexdigest(self) -> str: ...
+
+
+@dataclass(frozen=True)
+class _Fetched:
+    size: int
+    digests: dict[str, str]
+
+
+class _Reporter:
+    """Carries progress from the worker thread to the event loop, throttled.
+
+    The callback runs on the loop (callers need no locking). If it raises, the transfer
+    stops and the import fails with that exception.
+    """
+
+    def __init__(
+        self, loop: asyncio.AbstractEventLoop, callback: Progress | None, stop: threading.Event
+    ) -> None:
+        self._loop = loop
+        self._callback = callback
+        self._stop = stop
+        self._last_bytes = -1
+        self._last_time = 0.0
+        self.error: Exception | None = None
+
+    def report(self, done: int, total: int | None, *, final: bool = False) -> None:
+        if self._callback is None or done == self._last_bytes:
+            return
+        now = time.monotonic()
+        throttled = (
+            done - self._last_bytes < _REPORT_EVERY_BYTES
+            and now - self._last_time < _REPORT_EVERY_SECONDS
+        )
+        if throttled and not final and self._last_bytes >= 0:
+            return
+        self._last_bytes = done
+        self._last_time = now
+        try:
+            self._loop.call_soon_threadsafe(self._deliver, done, total)
+        except RuntimeError:  # the loop is closed: nobody is waiting for this import
+            self._stop.set()
+
+    def _deliver(self, done: int, total: int | None) -> None:
+        if self.error is not None or self._callback is None:
+            return
+        try:
+            self._callback(done, total)
+        except Exception as exc:
+            self.error = exc
+            self._stop.set()
+
+
+class _Stopped(Exception):
+    """The worker was asked to stop (cancellation or a failing progress callback)."""
+
+
+def _opener() -> urllib.request.OpenerDirector:
+    """urllib for http and https only: unlike ``urlopen``, a redirect to ``ftp://`` (or any
+    other scheme) fails instead of being followed. Proxies come from the environment."""
+    opener = urllib.request.OpenerDirector()
+    for handler in (
+        urllib.request.ProxyHandler(),
+        urllib.request.HTTPHandler(),
+        urllib.request.HTTPSHandler(),
+        urllib.request.HTTPRedirectHandler(),
+        urllib.request.HTTPDefaultErrorHandler(),
+        urllib.request.HTTPErrorProcessor(),
+    ):
+        opener.add_handler(handler)
+    return opener
+
+
+@contextlib.contextmanager
+def _open_source(source: _Source) -> Iterator[tuple[IO[bytes], int | None]]:
+    """The source as a binary stream and its size if known. Runs in the worker thread."""
+    if source.path is not None:
+        try:
+            stream = open(source.path, "rb")  # noqa: SIM115 - closed below
+        except FileNotFoundError as exc:
+            raise _import_error("source", f"no such file: {source.path}") from exc
+        except IsADirectoryError as exc:
+            raise _import_error("source", f"not a regular file: {source.path}") from exc
+        except OSError as exc:
+            raise HostError(f"cannot read {source.path}: {exc}") from exc
+        with stream:
+            st = os.fstat(stream.fileno())
+            if not stat.S_ISREG(st.st_mode):
+                raise _import_error("source", f"not a regular file: {source.path}")
+            yield stream, st.st_size
+        return
+    assert source.url is not None
+    # _parse_source let only http(s) URLs through, and _opener follows redirects to no other.
+    request = urllib.request.Request(source.url, headers={"User-Agent": _USER_AGENT})  # noqa: S310
+    try:
+        response = _opener().open(request, timeout=_READ_TIMEOUT)
+    except urllib.error.HTTPError as exc:
+        exc.close()  # it holds the response body, maybe a socket
+        reason = f"HTTP {exc.code} {exc.reason} from {source.url}"
+        if 400 <= exc.code < 500:
+            raise _import_error("source", reason) from exc
+        raise HostError(f"cannot download image: {reason}") from exc
+    except (urllib.error.URLError, http.client.HTTPException, OSError, ValueError) as exc:
+        raise HostError(f"cannot download {source.url}: {exc}") from exc
+    with response:
+        length = response.headers.get("Content-Length")
+        total = int(length) if length is not None and length.strip().isdigit() else None
+        yield response, total
+
+
+class _SparseWriter:
+    """Writes a stream to ``fd`` from offset 0, leaving aligned all-zero blocks as holes.
+
+    Blocks are aligned to file offsets (not to however the reads happened to be cut), so a
+    zero run in a raw image becomes holes whatever the network delivered.
+    """
+
+    _BLOCK = 64 * 1024
+    _ZEROS = bytes(_BLOCK)
+
+    def __init__(self, fd: int) -> None:
+        self._fd = fd
+        self._pending = bytearray()
+        self._size = 0
+
+    def add(self, data: bytes) -> None:
+        self._pending += data
+        whole = len(self._pending) - len(self._pending) % self._BLOCK
+        if whole:
+            self._flush(whole)
+
+    def finish(self) -> None:
+        self._flush(len(self._pending))
+        os.ftruncate(self._fd, self._size)
+
+    def _flush(self, length: int) -> None:
+        view = memoryview(bytes(self._pending[:length]))
+        del self._pending[:length]
+        start = 0
+        for offset in range(0, length, self._BLOCK):
+            block = view[offset : offset + self._BLOCK]
+            if block == self._ZEROS[: len(block)]:
+                self._write(view[start:offset])
+                os.lseek(self._fd, len(block), os.SEEK_CUR)
+                start = offset + len(block)
+        self._write(view[start:])
+        self._size += length
+
+    def _write(self, data: memoryview) -> None:
+        while data:
+            data = data[os.write(self._fd, data) :]
+
+
+def _fetch(
+    source: _Source,
+    tmp: Path,
+    algorithms: Sequence[str],
+    reporter: _Reporter,
+    stop: threading.Event,
+) -> _Fetched:
+    """Stream ``source`` into the new file ``tmp``, hashing it; fsync it. Worker thread.
+
+    Runs of zero bytes become holes. ``tmp`` is removed by this function on any failure, so
+    nothing is left even when the awaiting task gave up waiting for it.
+    """
+    hashers: dict[str, _Hasher] = {a: hashlib.new(a) for a in {"sha256", *algorithms}}
+    done = 0
+    try:
+        if stop.is_set():
+            raise _Stopped
+        with _open_source(source) as (stream, total):
+            fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_EXCL | os.O_CLOEXEC, 0o600)
+            try:
+                writer = _SparseWriter(fd)
+                reporter.report(0, total, final=True)
+                read: Callable[[int], bytes] = getattr(stream, "read1", stream.read)
+                while True:
+                    if stop.is_set():
+                        raise _Stopped
+                    try:
+                        chunk = read(_CHUNK)
+                    except (http.client.HTTPException, OSError, ValueError) as exc:
+                        raise HostError(f"cannot read {source.display}: {exc}") from exc
+                    if not chunk:
+                        break
+                    for hasher in hashers.values():
+                        hasher.update(chunk)
+                    writer.add(chunk)
+                    done += len(chunk)
+                    reporter.report(done, total)
+                if total is not None and done != total:
+                    raise HostError(f"cannot read {source.display}: got {done} of {total} bytes")
+                writer.finish()
+                os.fsync(fd)
+            finally:
+                os.close(fd)
+        reporter.report(done, total, final=True)
+        return _Fetched(size=done, digests={a: h.hexdigest() for a, h in hashers.items()})
+    except OSError as exc:
+        tmp.unlink(missing_ok=True)
+        raise HostError(f"cannot write {tmp}: {exc}") from exc
+    except BaseException:
+        tmp.unlink(missing_ok=True)
+        raise
+
+
+async def _in_worker(func: Callable[[], _T], stop: threading.Event) -> _T:
+    """Run ``func`` in a thread; on cancellation tell it to stop and wait for it a little.
+
+    The worker checks ``stop`` between reads, so it normally ends at once; a stalled server
+    can hold it until the read timeout, and then it cleans up after itself.
+    """
+    loop = asyncio.get_running_loop()
+    future = loop.run_in_executor(None, func)
+    try:
+        return await asyncio.shield(future)
+    except asyncio.CancelledError:
+        stop.set()
+        future.add_done_callback(_consume)
+        with contextlib.suppress(asyncio.CancelledError):
+            await asyncio.wait({future}, timeout=_CANCEL_GRACE)
+        raise
+
+
+def _consume(future: asyncio.Future[_T]) -> None:
+    if not future.cancelled():
+        future.exception()
+
+
+async def _qcow2_data_file(path: Path) -> str | None:
+    """The external data file a qcow2 image names, if any (``image_info`` leaves it out)."""
+    out = await run_tool(
+        ["qemu-img", "info", "--output=json", "-f", "qcow2", str(path)],
+        what=f"read image {path}",
+    )
+    try:
+        raw: object = json.loads(out)
+    except ValueError as exc:
+        raise HostError(f"cannot read image {path}: qemu-img printed no JSON") from exc
+    specific = raw.get("format-specific") if isinstance(raw, dict) else None
+    data = specific.get("data") if isinstance(specific, dict) else None
+    value = data.get("data-file") if isinstance(data, dict) else None
+    return value if isinstance(value, str) else None
+
+
+def _fsync_dir(directory: Path) -> None:
+    with contextlib.suppress(OSError):
+        fd = os.open(directory, os.O_RDONLY | os.O_DIRECTORY | os.O_CLOEXEC)
+        try:
+            os.fsync(fd)
+        finally:
+            os.close(fd)
+
+
+class ImageStore:
+    """Base images under one directory (created 0700 on first import).
+
+    ``list``, ``get`` and ``path`` only read; ``import_image`` and ``delete`` publish under
+    a lock on the directory. See the module docstring for what a crash can leave.
+    """
+
+    def __init__(self, root: Path) -> None:
+        self.root = Path(os.path.abspath(root))
+
+    # --- reading ---------------------------------------------------------------------------
+
+    def _image(self, name: str) -> Path:
+        return self.root / name
+
+    def _sidecar(self, name: str) -> Path:
+        return self.root / f".{name}.json"
+
+    def _read(self, name: str) -> ImageRecord | None:
+        """The committed record of ``name``, None if it is not (or not fully) in the store."""
+        if not self._image(name).is_file():
+            return None
+        sidecar = self._sidecar(name)
+        try:
+            raw: object = json.loads(sidecar.read_text(encoding="utf-8"))
+        except FileNotFoundError:
+            return None
+        except (OSError, ValueError) as exc:
+            raise HostError(f"cannot read image metadata {sidecar}: {exc}") from exc
+        try:
+            if not isinstance(raw, dict):
+                raise TypeError("not an object")
+            fields = {
+                "format": raw["format"],
+                "sha256": raw["sha256"],
+                "created": raw["created"],
+                "source": raw["source"],
+            }
+            sizes = {"virtualSize": raw["virtualSize"], "actualSize": raw["actualSize"]}
+            if not all(isinstance(v, str) for v in fields.values()) or not all(
+                isinstance(v, int) for v in sizes.values()
+            ):
+                raise TypeError("a field has the wrong type")
+        except (KeyError, TypeError) as exc:
+            raise HostError(f"cannot read image metadata {sidecar}: {exc}") from exc
+        return ImageRecord(
+            name=name,
+            path=self._image(name),
+            format=str(fields["format"]),
+            virtual_size=int(sizes["virtualSize"]),
+            actual_size=int(sizes["actualSize"]),
+            sha256=str(fields["sha256"]),
+            created=str(fields["created"]),
+            source=str(fields["source"]),
+        )
+
+    def list(self) -> builtins.list[ImageRecord]:
+        """Every image in the store, sorted by name (orphans and temporary files left out).
+
+        A sidecar that cannot be parsed (only hand edits make one) is a :class:`HostError`
+        naming it, here and in :meth:`get`, rather than an image silently missing.
+        """
+        try:
+            names = sorted(entry.name for entry in os.scandir(self.root))
+        except FileNotFoundError:
+            return []
+        except OSError as exc:
+            raise HostError(f"cannot list images in {self.root}: {exc}") from exc
+        records: builtins.list[ImageRecord] = []
+        for name in names:
+            if _NAME.fullmatch(name) is None:
+                continue
+            record = self._read(name)
+            if record is not None:
+                records.append(record)
+        return records
+
+    def get(self, name: str) -> ImageRecord:
+        """The record of image ``name``; :class:`NotFound` if it is not in the store."""
+        _check_name(name)
+        record = self._read(name)
+        if record is None:
+            raise NotFound(f"image {name!r} not found")
+        return record
+
+    def path(self, name: str) -> Path:
+        """The absolute path of image ``name`` (what overlays use as their base)."""
+        return self.get(name).path
+
+    # --- writing ---------------------------------------------------------------------------
+
+    @contextlib.asynccontextmanager
+    async def _locked(self) -> AsyncIterator[None]:
+        """An exclusive flock on the store directory, polled so the loop never blocks."""
+        fd = os.open(self.root, os.O_RDONLY | os.O_DIRECTORY | os.O_CLOEXEC)
+        try:
+            while True:
+                try:
+                    fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+                    break
+                except BlockingIOError:
+                    await asyncio.sleep(_LOCK_POLL)
+            yield
+        finally:
+            os.close(fd)
+
+    async def import_image(
+        self,
+        name: str,
+        source: str,
+        *,
+        checksum: str | None = None,
+        progress: Progress | None = None,
+        replace: bool = False,
+        users: Sequence[str] = (),
+    ) -> ImageRecord:
+        """Import ``source`` (a file path or an http(s) URL) as image ``name``.
+
+        ``checksum`` (``sha256:HEX``, ``sha512:HEX`` or ``md5:HEX``) is checked before the
+        image is published. ``progress(done, total)`` is called on the loop with increasing
+        byte counts, first ``(0, total)``, last ``(size, total)``; ``total`` is None when the
+        server sends no length. An existing image is a :class:`Conflict` unless ``replace``;
+        replacing is refused too while ``users`` (the VMs whose overlays sit on the image)
+        is non-empty, because swapping a base under an overlay corrupts the guest's disk.
+
+        Raises :class:`SpecError` for a bad ``name``, ``checksum`` or ``source`` (no such
+        file, an HTTP 4xx, an image that is not qcow2/raw or names other files) and for a
+        checksum mismatch; :class:`HostError` for network, server (5xx) and disk trouble.
+        On any failure, cancellation included, nothing is left in the store.
+        """
+        _check_name(name)
+        expected = _parse_checksum(checksum) if checksum is not None else None
+        src = _parse_source(source)
+        self._check_free(name, replace=replace, users=users)
+        ensure_private_dir(self.root)
+        tmp = temp_sibling(self._image(name))
+        stop = threading.Event()
+        reporter = _Reporter(asyncio.get_running_loop(), progress, stop)
+        algorithms = [expected[0]] if expected is not None else []
+        try:
+            try:
+                fetched = await _in_worker(
+                    functools.partial(_fetch, src, tmp, algorithms, reporter, stop), stop
+                )
+            except _Stopped:
+                if reporter.error is not None:
+                    raise reporter.error from None
+                raise
+            if reporter.error is not None:
+                raise reporter.error
+            if expected is not None:
+                algorithm, digest = expected
+                actual = fetched.digests[algorithm]
+                if actual != digest:
+                    # SpecError, not HostError: the content arrived complete (length checked)
+                    # and does not match the request's `checksum` field. Either the field is
+                    # wrong or the source serves something else; the field path tells the
+                    # REST client which value to look at (422).
+                    raise _import_error(
+                        "checksum",
+                        f"{src.display} has {algorithm}:{actual}, expected {algorithm}:{digest}",
+                    )
+            info = await image_info(tmp)
+            await self._check_usable(tmp, info.format, info.backing_file, src.display)
+            os.chmod(tmp, 0o444)
+            st = os.stat(tmp)
+            record = ImageRecord(
+                name=name,
+                path=self._image(name),
+                format=info.format,
+                virtual_size=info.virtual_size,
+                actual_size=st.st_blocks * 512,
+                sha256=fetched.digests["sha256"],
+                created=datetime.now(UTC).isoformat(timespec="seconds"),
+                source=src.display,
+            )
+            async with self._locked():
+                # No await from here on: cancellation lands before or after the publish.
+                self._publish(record, tmp, replace=replace, users=users)
+            return record
+        finally:
+            tmp.unlink(missing_ok=True)
+
+    def _check_free(self, name: str, *, replace: bool, users: Sequence[str]) -> None:
+        image, sidecar = self._image(name), self._sidecar(name)
+        exists = os.path.lexists(image) or os.path.lexists(sidecar)
+        if not exists:
+            return
+        if not replace:
+            if not os.path.lexists(sidecar):
+                raise Conflict(
+                    f"image {name!r}: a file without metadata is there (an interrupted "
+                    "import?); delete the image or import with replace"
+                )
+            raise Conflict(f"image {name!r} already exists")
+        if users:
+            raise Conflict(f"image {name!r} is used by {', '.join(sorted(users))}")
+
+    async def _check_usable(self, tmp: Path, fmt: str, backing: str | None, display: str) -> None:
+        if fmt not in DISK_FORMATS:
+            raise _import_error(
+                "source",
+                f"{display} is a {fmt} image; only {' or '.join(DISK_FORMATS)} are accepted "
+                "(convert it with qemu-img convert)",
+            )
+        if backing is not None:
+            raise _import_error(
+                "source", f"{display} has a backing file ({backing}); a base image must not"
+            )
+        if fmt == "qcow2":
+            data_file = await _qcow2_data_file(tmp)
+            if data_file is not None:
+                raise _import_error(
+                    "source",
+                    f"{display} has an external data file ({data_file}); a base image must not",
+                )
+
+    def _publish(
+        self, record: ImageRecord, tmp: Path, *, replace: bool, users: Sequence[str]
+    ) -> None:
+        """Publish ``tmp`` as the image, then its sidecar. Holds the lock, never awaits."""
+        name = record.name
+        self._check_free(name, replace=replace, users=users)
+        image, sidecar = self._image(name), self._sidecar(name)
+        if replace and os.path.lexists(sidecar):
+            try:
+                sidecar.unlink()
+            except OSError as exc:
+                raise HostError(f"cannot replace image {name!r}: {exc}") from exc
+            _fsync_dir(self.root)
+        if replace:
+            publish_replace(tmp, image)
+        elif not publish_new(tmp, image):
+            raise Conflict(f"image {name!r} already exists")
+        body = {k: v for k, v in record.to_json().items() if k not in ("name", "path")}
+        body["version"] = _SIDECAR_VERSION
+        sidecar_tmp = temp_sibling(sidecar)
+        try:
+            fd = os.open(sidecar_tmp, os.O_WRONLY | os.O_CREAT | os.O_EXCL | os.O_CLOEXEC, 0o600)
+            with os.fdopen(fd, "w", encoding="utf-8") as out:
+                json.dump(body, out, indent=2, sort_keys=True)
+                out.write("\n")
+            publish_replace(sidecar_tmp, sidecar)
+        except BaseException as exc:
+            sidecar_tmp.unlink(missing_ok=True)
+            image.unlink(missing_ok=True)
+            _fsync_dir(self.root)
+            if isinstance(exc, OSError):
+                raise HostError(f"cannot write image metadata {sidecar}: {exc}") from exc
+            raise
+
+    async def delete(self, name: str, users: Sequence[str] = ()) -> None:
+        """Remove image ``name`` and its metadata.
+
+        Refused with :class:`Conflict` naming ``users`` (the VMs whose overlays sit on the
+        image) when there are any; :class:`NotFound` when there is no such image. An orphan
+        (a file left without metadata by a crash) is removed too. Running qemu processes
+        keep their open file; the name is gone at once.
+        """
+        _check_name(name)
+        image, sidecar = self._image(name), self._sidecar(name)
+        if not (os.path.lexists(image) or os.path.lexists(sidecar)):
+            raise NotFound(f"image {name!r} not found")
+        if users:
+            raise Conflict(f"image {name!r} is used by {', '.join(sorted(users))}")
+        async with self._locked():
+            if not (os.path.lexists(image) or os.path.lexists(sidecar)):
+                raise NotFound(f"image {name!r} not found")
+            try:
+                sidecar.unlink(missing_ok=True)
+                _fsync_dir(self.root)
+                image.unlink(missing_ok=True)
+                _fsync_dir(self.root)
+            except OSError as exc:
+                raise HostError(f"cannot delete image {name!r}: {exc}") from exc

@@ -1,0 +1,85 @@
+"""Desired vs live: what a new VM document changes, and what of that can be applied in place.
+
+Live (applied over QMP / the guest agent without restarting qemu): ``currentCpus``,
+``currentRam``, CD media (``disks[].cdrom.image``), ``powerdownTimeout``,
+``guestShutdownStops``, and the display password (which is not in the document). Everything
+else that differs is *pending restart*: reported in the status and applied on the next start.
+"""
+
+from __future__ import annotations
+
+import re
+from dataclasses import dataclass
+from pathlib import Path
+
+from corral.errors import SpecError
+from corral.spec import VmDocument
+
+__all__ = ["DisplaySecret", "cdrom_media", "pending_restart", "read_display_secret"]
+
+_LIVE_VM_FIELDS = {"currentCpus", "currentRam", "powerdownTimeout", "state"}
+_EXPIRY = re.compile(r"^(never|now|\+\d+|\d+)$")
+
+
+def cdrom_media(doc: VmDocument) -> dict[str, str | None]:
+    """{device id: image or None (no media)} for every CD drive, ids as the template gives."""
+    media: dict[str, str | None] = {}
+    for i, disk in enumerate(doc.vm.disks):
+        if disk.cdrom is not None:
+            media[disk.name or f"disk{i}"] = disk.cdrom.image or None
+    return media
+
+
+def _restart_view(doc: VmDocument) -> dict[str, object]:
+    vm = doc.vm.model_dump(mode="json", by_alias=True, exclude_none=True)
+    for key in _LIVE_VM_FIELDS:
+        vm.pop(key, None)
+    for disk in vm.get("disks", []):
+        if isinstance(disk, dict) and isinstance(disk.get("cdrom"), dict):
+            disk["cdrom"].pop("image", None)
+    view: dict[str, object] = {f"spec.vm.{k}": v for k, v in vm.items()}
+    spec = doc.spec
+    if spec.cloud_init is not None:
+        view["spec.cloudInit"] = spec.cloud_init.model_dump(mode="json", by_alias=True)
+    if doc.runner is not None:
+        view["runner"] = doc.runner.model_dump(mode="json", by_alias=True, exclude_none=True)
+    return view
+
+
+def pending_restart(started: VmDocument, desired: VmDocument) -> list[str]:
+    """Field paths whose change needs a restart of qemu (sorted; empty if none)."""
+    if started.name != desired.name:
+        raise SpecError.single("metadata.name", "a running VM cannot be renamed")
+    old, new = _restart_view(started), _restart_view(desired)
+    return sorted(k for k in old.keys() | new.keys() if old.get(k) != new.get(k))
+
+
+@dataclass(frozen=True)
+class DisplaySecret:
+    password: str | None
+    expiry: str | None
+
+
+def read_display_secret(path: Path | None) -> DisplaySecret:
+    """The display password (and expiry) from the runner's display secret.
+
+    ``path`` is a file holding the password (first line), or a directory laid out like
+    VM-Operator's mounted secret: ``display-password`` and, optionally, ``password-expiry``
+    (``+SECONDS``, a unix time, ``never`` or ``now``).
+    """
+    if path is None or not path.exists():
+        return DisplaySecret(None, None)
+    if path.is_dir():
+        pw_file, expiry_file = path / "display-password", path / "password-expiry"
+    else:
+        pw_file, expiry_file = path, None
+    password = pw_file.read_text().splitlines()[0] if pw_file.exists() else None
+    expiry = None
+    if expiry_file is not None and expiry_file.exists():
+        expiry = expiry_file.read_text().strip() or None
+        if expiry is not None and not _EXPIRY.match(expiry):
+            raise SpecError.single(
+                "runner.displaySecretFile",
+                f"password-expiry {expiry!r} must be +SECONDS, a unix time, 'never' or 'now'",
+            )
+    return DisplaySecret(password or None, expiry)

@@ -1,0 +1,134 @@
+"""What a supervisor reports: the VM's state, conditions and live values.
+
+The status is one JSON document, written atomically (write a temp file, fsync, rename) so a
+reader (the manager, a systemd unit's watcher, ``cat``) never sees half of it. Events are JSON
+lines with a timestamp, a type and free fields.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import tempfile
+import time
+from collections.abc import Callable
+from dataclasses import asdict, dataclass, field
+from datetime import UTC, datetime
+from enum import StrEnum
+from pathlib import Path
+from typing import IO
+
+__all__ = [
+    "Condition",
+    "EventSink",
+    "JsonLinesSink",
+    "VmState",
+    "VmStatus",
+    "now_iso",
+    "write_atomic",
+]
+
+
+class VmState(StrEnum):
+    STOPPED = "Stopped"
+    STARTING = "Starting"
+    RUNNING = "Running"
+    STOPPING = "Stopping"
+    CRASHED = "Crashed"
+
+
+class Condition(StrEnum):
+    BOOTED = "Booted"
+    AGENT_CONNECTED = "AgentConnected"
+    DISPLAY_CONNECTED = "DisplayConnected"
+
+
+def now_iso() -> str:
+    return datetime.now(UTC).isoformat(timespec="milliseconds").replace("+00:00", "Z")
+
+
+@dataclass
+class ConditionStatus:
+    status: bool
+    reason: str
+    since: str
+
+
+@dataclass
+class VmStatus:
+    name: str
+    state: VmState = VmState.STOPPED
+    conditions: dict[str, ConditionStatus] = field(default_factory=dict)
+    pid: int | None = None
+    swtpm_pid: int | None = None
+    accelerator: str | None = None
+    cpus: int | None = None
+    ram: int | None = None
+    cdrom: dict[str, str | None] = field(default_factory=dict)
+    cdrom_pending: dict[str, str | None] = field(default_factory=dict)
+    ips: list[str] = field(default_factory=list)
+    pending_restart: list[str] = field(default_factory=list)
+    config_error: str | None = None
+    stopped_by: str | None = None
+    exit: dict[str, object] | None = None
+    restarts: int = 0
+    started_at: str | None = None
+    booted_at: str | None = None
+    stopped_at: str | None = None
+    updated_at: str = field(default_factory=now_iso)
+
+    def set_condition(self, condition: Condition, value: bool, reason: str) -> bool:
+        """Set a condition; True if it changed."""
+        current = self.conditions.get(condition.value)
+        if current is not None and current.status == value:
+            return False
+        self.conditions[condition.value] = ConditionStatus(value, reason, now_iso())
+        return True
+
+    def condition(self, condition: Condition) -> bool:
+        current = self.conditions.get(condition.value)
+        return bool(current and current.status)
+
+    def to_json(self) -> dict[str, object]:
+        data = asdict(self)
+        data["state"] = self.state.value
+        return {_camel(k): v for k, v in data.items()}
+
+
+def _camel(name: str) -> str:
+    head, *rest = name.split("_")
+    return head + "".join(part.title() for part in rest)
+
+
+def write_atomic(path: Path, data: bytes, mode: int = 0o644) -> None:
+    """Replace ``path`` with ``data`` so that readers see the old or the new file, whole."""
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", dir=path.parent)
+    try:
+        with os.fdopen(fd, "wb") as f:
+            f.write(data)
+            f.flush()
+            os.fsync(f.fileno())
+        os.chmod(tmp, mode)
+        os.replace(tmp, path)
+    except BaseException:
+        Path(tmp).unlink(missing_ok=True)
+        raise
+
+
+EventSink = Callable[[dict[str, object]], None]
+
+
+class JsonLinesSink:
+    """Write each event as one JSON line (to stderr or a log file)."""
+
+    def __init__(self, stream: IO[str]) -> None:
+        self._stream = stream
+
+    def __call__(self, event: dict[str, object]) -> None:
+        self._stream.write(json.dumps(event, default=str) + "\n")
+        self._stream.flush()
+
+
+def make_event(vm: str, kind: str, **fields: object) -> dict[str, object]:
+    return {"ts": now_iso(), "t": round(time.time(), 3), "vm": vm, "event": kind, **fields}

@@ -1,0 +1,893 @@
+"""``VmSupervisor``: one VM, from files on disk to a running qemu and back.
+
+The same supervisor runs inside ``corral run`` (a process, a systemd unit, a pod) and inside
+the manager daemon. It owns:
+
+* **start**: data dir (overlays, OVMF vars, cloud-init seed, TPM state), swtpm, then qemu
+  started paused (``-S``) in its own session, so that the supervisor's death never kills it;
+  then QMP, live settings (display password, balloon), ``cont``.
+* **attach**: the same VM found alive by pidfile + QMP socket after a supervisor restart.
+* **stop**: ACPI powerdown, wait up to ``powerdownTimeout``, ``quit``, SIGKILL; swtpm after.
+* **apply**: a new document: live changes over QMP and the guest agent, the rest reported as
+  pending restart; a refused document changes nothing.
+* **watch**: qemu's exit (Crashed when nobody asked), QMP events, the guest agent.
+
+State machine (methods are guarded by state)::
+
+    Stopped/Crashed --start--> Starting --> Running --stop--> Stopping --> Stopped
+                                              |  qemu died on its own --> Crashed
+                                              |  guest powered off: guestShutdownStops
+                                              |      ? Stopped : restart (Starting)
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import json
+import os
+import secrets
+import signal
+import time
+from collections.abc import Awaitable
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any, cast
+
+from corral.errors import CorralError, HostError, QemuError, SpecError
+from corral.host import (
+    Swtpm,
+    ensure_disk,
+    ensure_overlay,
+    ensure_seed,
+    ensure_vars,
+    pid_alive,
+    process_exe_name,
+    read_pidfile,
+)
+from corral.qemu.agent import AgentError, GuestAgent
+from corral.qemu.fingerprint import find_emulator, find_firmware, resolve_accelerator
+from corral.qemu.monitor import Monitor, QmpEvent
+from corral.runner.changes import cdrom_media, pending_restart, read_display_secret
+from corral.runner.config import RunnerPaths, render_for_host
+from corral.runner.status import (
+    Condition,
+    EventSink,
+    VmState,
+    VmStatus,
+    make_event,
+    now_iso,
+    write_atomic,
+)
+from corral.spec import HostPolicy, VmDocument, check_policy
+from corral.spec.models import MachineType
+
+__all__ = ["ExitInfo", "VmSupervisor"]
+
+_QUIT_WAIT = 10.0
+_KILL_WAIT = 5.0
+_AGENT_POLL = 5.0
+
+
+@dataclass(frozen=True)
+class ExitInfo:
+    code: int | None
+    signal: int | None
+    known: bool  # False when qemu was not our child (re-attached): no exit status to read
+
+    def to_json(self) -> dict[str, object]:
+        return {"code": self.code, "signal": self.signal, "known": self.known}
+
+
+class _Files:
+    """The runtime files of one VM (all under the runtime dir, mode 0700)."""
+
+    def __init__(self, paths: RunnerPaths) -> None:
+        rt = paths.runtime_dir
+        self.pidfile = rt / "qemu.pid"
+        self.qmp = rt / "qmp.sock"
+        self.qga = rt / "qga.sock"
+        self.console_log = rt / "console.log"
+        self.stderr = rt / "qemu.log"
+        self.swtpm_sock = rt / "swtpm.sock"
+        self.swtpm_pid = rt / "swtpm.pid"
+        self.swtpm_log = rt / "swtpm.log"
+        self.started = rt / "started.json"
+        self.generated_secret = rt / "display-password"
+
+
+class VmSupervisor:
+    def __init__(
+        self,
+        doc: VmDocument,
+        paths: RunnerPaths,
+        policy: HostPolicy,
+        *,
+        accelerator: str | None = None,
+        events: EventSink | None = None,
+        boot_marker: str | None = None,
+    ) -> None:
+        self.doc = doc
+        self.paths = paths
+        self.policy = policy
+        self.files = _Files(paths)
+        self.status = VmStatus(name=doc.name)
+        self._accel_override = accelerator
+        self._sink = events
+        self._boot_marker = boot_marker
+        self._started_doc: VmDocument | None = None
+        self._proc: asyncio.subprocess.Process | None = None
+        self._pid: int | None = None
+        self._monitor: Monitor | None = None
+        self._agent: GuestAgent | None = None
+        self._swtpm: Swtpm | None = None
+        self._exited: asyncio.Future[ExitInfo] | None = None
+        self._tasks: set[asyncio.Task[None]] = set()
+        self._reaper: asyncio.Future[None] | None = None
+        self._stopping = False
+        self._restart_on_exit = False
+        self._shutdown_seen = asyncio.Event()
+        self._finished = asyncio.Event()
+        self._lock = asyncio.Lock()
+        self._displays = 0
+        self._want_cpus_online = False
+        self._console_offset = 0
+        self._secret_applied: tuple[str | None, str | None] | None = None
+
+    # --- reporting -------------------------------------------------------------------------
+
+    def _event(self, kind: str, **fields: object) -> None:
+        if self._sink is not None:
+            self._sink(make_event(self.doc.name, kind, **fields))
+
+    def _publish(self) -> None:
+        self.status.updated_at = now_iso()
+        data = json.dumps(self.status.to_json(), indent=2, default=str).encode()
+        try:
+            write_atomic(self.paths.status_file, data)
+        except OSError as exc:
+            self._event("StatusWriteFailed", error=str(exc))
+
+    def _set_state(self, state: VmState, **fields: object) -> None:
+        if self.status.state is not state:
+            previous = self.status.state
+            self.status.state = state
+            self._event("StateChanged", state=state.value, previous=previous.value, **fields)
+        self._publish()
+
+    def _condition(self, condition: Condition, value: bool, reason: str) -> None:
+        if self.status.set_condition(condition, value, reason):
+            self._event("ConditionChanged", condition=condition.value, status=value, reason=reason)
+            if condition is Condition.BOOTED and value:
+                self.status.booted_at = now_iso()
+            self._publish()
+
+    @property
+    def state(self) -> VmState:
+        return self.status.state
+
+    @property
+    def pid(self) -> int | None:
+        return self._pid
+
+    @property
+    def agent(self) -> GuestAgent | None:
+        return self._agent if self.status.condition(Condition.AGENT_CONNECTED) else None
+
+    @property
+    def monitor(self) -> Monitor | None:
+        return self._monitor
+
+    async def wait_finished(self) -> VmState:
+        """Until the VM is Stopped or Crashed with no restart coming; returns that state."""
+        await self._finished.wait()
+        return self.status.state
+
+    # --- start -----------------------------------------------------------------------------
+
+    async def start(self) -> None:
+        async with self._lock:
+            if self.state not in (VmState.STOPPED, VmState.CRASHED):
+                raise QemuError(f"VM {self.doc.name} is {self.state.value}, not stopped")
+            await self._start_locked()
+
+    async def _start_locked(self) -> None:
+        doc = self.doc
+        check_policy(doc, self.policy, emulator=self.paths.emulator)
+        self._finished.clear()
+        self._stopping = False
+        self._restart_on_exit = False
+        self._shutdown_seen.clear()
+        self.status.stopped_by = None
+        self.status.exit = None
+        self.status.pending_restart = []
+        self.status.started_at = now_iso()
+        self.status.booted_at = None
+        self.status.stopped_at = None
+        for cond in Condition:
+            self.status.set_condition(cond, False, "Starting")
+        self._set_state(VmState.STARTING)
+        try:
+            await self._prepare(doc)
+            emulator = find_emulator(self.paths.emulator)
+            accel = self._accel_override or resolve_accelerator(doc.vm.accelerator.value, emulator)
+            argv = render_for_host(
+                doc, self.paths, self.policy, accelerator=accel, paused=True, no_shutdown=True
+            )
+            self.status.accelerator = accel
+            await self._start_swtpm(doc)
+            await self._spawn(argv)
+            assert self._exited is not None
+            self._monitor = await Monitor.connect(self.files.qmp, timeout=30, alive=self._exited)
+            self._started_doc = doc
+            write_atomic(
+                self.files.started,
+                json.dumps(
+                    {
+                        "argv": argv,
+                        "document": doc.model_dump(mode="json", by_alias=True),
+                        "startedAt": self.status.started_at,
+                        "accelerator": accel,
+                    }
+                ).encode(),
+                0o600,
+            )
+            self._watch()
+            await self._apply_display_secret(force=True)
+            if doc.vm.current_ram is not None and doc.vm.cur_ram < doc.vm.maximum_ram:
+                await self._monitor.execute("balloon", {"value": doc.vm.cur_ram})
+            await self._monitor.execute("cont")
+        except BaseException as exc:
+            await self._abort_start(exc)
+            raise
+        await self._refresh_live()
+        self.status.cdrom = cdrom_media(doc)
+        self._set_state(VmState.RUNNING, pid=self._pid)
+
+    async def _abort_start(self, exc: BaseException) -> None:
+        self._event("StartFailed", error=str(exc), type=type(exc).__name__)
+        self._stopping = True
+        spawned = self._pid is not None
+        for task in list(self._tasks):
+            task.cancel()
+        await self._kill_qemu()
+        await self._teardown()
+        self.status.exit = {"error": str(exc)}
+        if spawned:
+            self.status.exit["stderr"] = self._stderr_tail()
+        self.status.pid = None
+        self._set_state(VmState.CRASHED if spawned else VmState.STOPPED)
+        self._finished.set()
+
+    async def _prepare(self, doc: VmDocument) -> None:
+        """Create what the VM needs on disk; never recreate or overwrite what exists."""
+        self.paths.data_dir.mkdir(mode=0o700, parents=True, exist_ok=True)
+        self.paths.runtime_dir.mkdir(mode=0o700, parents=True, exist_ok=True)
+        os.chmod(self.paths.runtime_dir, 0o700)
+        uuid_file = self.paths.uuid_file
+        if doc.vm.machine_uuid is None and not uuid_file.exists():
+            import uuid as _uuid
+
+            write_atomic(uuid_file, f"{_uuid.uuid4()}\n".encode())
+        for i, disk in enumerate(doc.vm.disks):
+            f = disk.file
+            if f is None:
+                continue
+            name = disk.name or f"disk{i}"
+            if f.image is not None:
+                overlay = self.paths.data_dir / f"{name}.qcow2"
+                await ensure_overlay(Path(f.image), overlay, size=f.size)
+            elif f.path is not None and not Path(f.path).exists():
+                if f.size is None:
+                    raise SpecError.single(
+                        f"spec.vm.disks[{i}].file.path",
+                        f"{f.path} does not exist; give a size to create it",
+                    )
+                await ensure_disk(Path(f.path), f.size, f.format.value)
+        if doc.vm.firmware.is_uefi and doc.vm.machine is not MachineType.MICROVM:
+            found = find_firmware(doc.vm.firmware.value)
+            if found is None:
+                raise HostError(
+                    f"no OVMF files for firmware {doc.vm.firmware.value} (apt-get install ovmf)"
+                )
+            ensure_vars(Path(found[1]), self.paths.efivars)
+        if doc.spec.cloud_init is not None:
+            await ensure_seed(self.paths.seed_image, doc.spec.cloud_init, doc.name)
+
+    async def _start_swtpm(self, doc: VmDocument) -> None:
+        if not doc.vm.use_tpm:
+            return
+        existing = Swtpm.attach(self.files.swtpm_pid, self.files.swtpm_sock)
+        if existing is not None:
+            await existing.stop()
+        self._swtpm = Swtpm()
+        self.status.swtpm_pid = await self._swtpm.start(
+            self.paths.data_dir / "tpm",
+            self.files.swtpm_sock,
+            self.files.swtpm_pid,
+            self.files.swtpm_log,
+        )
+
+    async def _spawn(self, argv: list[str]) -> None:
+        for stale in (self.files.qmp, self.files.qga, self.files.pidfile):
+            stale.unlink(missing_ok=True)
+        try:
+            self._console_offset = self.files.console_log.stat().st_size
+        except OSError:
+            self._console_offset = 0
+        loop = asyncio.get_running_loop()
+        with open(self.files.stderr, "ab") as stderr:
+            stderr.write(f"--- {now_iso()} starting qemu\n".encode())
+            stderr.flush()
+            try:
+                self._proc = await asyncio.create_subprocess_exec(
+                    *argv,
+                    stdin=asyncio.subprocess.DEVNULL,
+                    stdout=stderr,
+                    stderr=stderr,
+                    start_new_session=True,
+                )
+            except OSError as exc:
+                raise HostError(f"cannot start {argv[0]}: {exc}") from exc
+        self._pid = self.status.pid = self._proc.pid
+        proc = self._proc
+        exited: asyncio.Future[ExitInfo] = loop.create_future()
+        self._exited = exited
+
+        async def reap() -> None:
+            rc = await proc.wait()
+            if not exited.done():
+                exited.set_result(
+                    ExitInfo(
+                        code=rc if rc >= 0 else None, signal=-rc if rc < 0 else None, known=True
+                    )
+                )
+
+        self._reaper = asyncio.ensure_future(reap())
+
+    # --- attach ----------------------------------------------------------------------------
+
+    async def attach(self) -> bool:
+        """Re-attach to this VM's qemu if it is alive (pidfile + QMP); False if it is not."""
+        async with self._lock:
+            if self.state not in (VmState.STOPPED, VmState.CRASHED):
+                raise QemuError(f"VM {self.doc.name} is {self.state.value}; cannot attach")
+            pid = read_pidfile(self.files.pidfile)
+            if pid is None or not pid_alive(pid) or "qemu" not in (process_exe_name(pid) or ""):
+                return False
+            self._pid = self.status.pid = pid
+            self._proc = None
+            self._exited = _watch_pid(pid)
+            try:
+                self._monitor = await Monitor.connect(
+                    self.files.qmp, timeout=10, alive=self._exited
+                )
+            except QemuError:
+                self._exited.cancel()
+                self._pid = self.status.pid = None
+                return False
+            self._finished.clear()
+            self._stopping = False
+            started = self._load_started()
+            self._started_doc = started[0] if started else self.doc
+            if started:
+                self.status.started_at, self.status.accelerator = started[1], started[2]
+            self._swtpm = Swtpm.attach(self.files.swtpm_pid, self.files.swtpm_sock)
+            self.status.swtpm_pid = self._swtpm.pid if self._swtpm else None
+            try:
+                self._console_offset = self.files.console_log.stat().st_size
+            except OSError:
+                self._console_offset = 0
+            self._watch()
+            run = await self._monitor.query_dict("query-status")
+            if run.get("status") == "prelaunch" or run.get("status") == "paused":
+                await self._monitor.execute("cont")
+            await self._refresh_live()
+            self.status.cdrom = cdrom_media(self._started_doc)
+            self._event("Attached", pid=pid)
+            self._set_state(VmState.RUNNING, pid=pid, attached=True)
+        with contextlib.suppress(CorralError):  # a refused document is reported in status
+            await self.apply(self.doc)
+        return True
+
+    def _load_started(self) -> tuple[VmDocument, str | None, str | None] | None:
+        """What the running qemu was started with: document, start time, accelerator."""
+        from corral.spec import parse_document
+
+        try:
+            data = json.loads(self.files.started.read_text())
+            doc = parse_document(data["document"])
+        except (OSError, ValueError, KeyError, TypeError, CorralError):
+            return None
+        started_at, accel = data.get("startedAt"), data.get("accelerator")
+        return (
+            doc,
+            started_at if isinstance(started_at, str) else None,
+            accel if isinstance(accel, str) else None,
+        )
+
+    # --- watching --------------------------------------------------------------------------
+
+    def _spawn_task(self, coro: Awaitable[None]) -> None:
+        task = asyncio.ensure_future(coro)
+        self._tasks.add(task)
+        task.add_done_callback(self._task_done)
+
+    def _task_done(self, task: asyncio.Task[None]) -> None:
+        self._tasks.discard(task)
+        if not task.cancelled() and task.exception() is not None:
+            exc = task.exception()
+            self._event("InternalError", error=repr(exc))
+
+    def _watch(self) -> None:
+        self._spawn_task(self._pump_events())
+        self._spawn_task(self._watch_exit())
+        if self.doc.vm.guest_agent:
+            self._agent = GuestAgent(self.files.qga)
+            self._spawn_task(self._agent_loop())
+        if self._boot_marker:
+            self._spawn_task(self._watch_console())
+
+    async def _pump_events(self) -> None:
+        monitor = self._monitor
+        assert monitor is not None
+        async for event in monitor.events():
+            try:
+                await self._on_event(event)
+            except CorralError as exc:
+                self._event("EventHandlingFailed", qmp=event.get("event"), error=str(exc))
+
+    async def _on_event(self, event: QmpEvent) -> None:
+        name = str(event.get("event"))
+        data = cast(dict[str, object], event.get("data") or {})
+        if name not in ("BALLOON_CHANGE", "RTC_CHANGE"):
+            self._event("Qmp", qmp=name, data=data)
+        if name == "SHUTDOWN":
+            self._shutdown_seen.set()
+            await self._on_shutdown(bool(data.get("guest")), str(data.get("reason")))
+        elif name == "BALLOON_CHANGE":
+            self.status.ram = cast(int, data.get("actual"))
+            self._publish()
+        elif name == "DEVICE_TRAY_MOVED":
+            device = str(data.get("id") or data.get("device") or "")
+            if data.get("tray-open") and device in self.status.cdrom_pending:
+                await self._change_medium(device, self.status.cdrom_pending[device])
+        elif name in ("DEVICE_DELETED", "ACPI_DEVICE_OST"):
+            await self._refresh_live()
+        elif name in ("SPICE_INITIALIZED", "VNC_INITIALIZED"):
+            self._displays += 1
+            self._condition(Condition.DISPLAY_CONNECTED, True, name)
+        elif name in ("SPICE_DISCONNECTED", "VNC_DISCONNECTED"):
+            self._displays = max(0, self._displays - 1)
+            if self._displays == 0:
+                self._condition(Condition.DISPLAY_CONNECTED, False, name)
+        elif name == "RESET":
+            self._condition(Condition.AGENT_CONNECTED, False, "GuestReset")
+
+    async def _on_shutdown(self, guest: bool, reason: str) -> None:
+        """With -no-shutdown qemu stays after the guest powers off; we decide what it means."""
+        monitor = self._monitor
+        if monitor is None:
+            return
+        if not guest:
+            return  # the echo of our own quit (host-qmp-quit), or a signal to qemu
+        if self._stopping:
+            self.status.stopped_by = self.status.stopped_by or "powerdown"
+        elif self.doc.spec.guest_shutdown_stops:
+            self._stopping = True
+            self.status.stopped_by = "guest"
+            self._set_state(VmState.STOPPING, reason=reason)
+        else:
+            self._restart_on_exit = True
+            self._event("GuestShutdownRestart", reason=reason)
+        with contextlib.suppress(QemuError):
+            await monitor.execute("quit")
+
+    async def _watch_exit(self) -> None:
+        exited = self._exited
+        assert exited is not None
+        info = await exited
+        await self._teardown()
+        self.status.exit = info.to_json()
+        self.status.pid = None
+        self.status.stopped_at = now_iso()
+        for cond in Condition:
+            self.status.set_condition(cond, False, "Stopped")
+        if self._restart_on_exit:
+            self.status.restarts += 1
+            self._set_state(VmState.STOPPED, exit=info.to_json())
+            try:
+                async with self._lock:
+                    await self._start_locked()
+            except CorralError as exc:
+                self._event("RestartFailed", error=str(exc))
+            return
+        if self._stopping:
+            self._set_state(VmState.STOPPED, stoppedBy=self.status.stopped_by)
+        else:
+            self.status.exit["stderr"] = self._stderr_tail()
+            self._set_state(VmState.CRASHED, exit=self.status.exit)
+        self._finished.set()
+
+    async def _close_channels(self) -> None:
+        """Cancel the watchers (but the calling task) and close QMP and the guest agent."""
+        current = asyncio.current_task()
+        for task in list(self._tasks):
+            if task is not current:
+                task.cancel()
+        if self._monitor is not None:
+            await self._monitor.close()
+            self._monitor = None
+        if self._agent is not None:
+            await self._agent.close()
+            self._agent = None
+
+    async def _teardown(self) -> None:
+        """After qemu is gone: close channels, stop swtpm, forget runtime sockets."""
+        await self._close_channels()
+        if self._swtpm is not None:
+            with contextlib.suppress(CorralError):
+                await self._swtpm.stop()
+            self._swtpm = None
+            self.status.swtpm_pid = None
+        self._pid = None
+        self._proc = None
+
+    def _stderr_tail(self, lines: int = 20) -> str:
+        try:
+            text = self.files.stderr.read_text(errors="replace")
+        except OSError:
+            return ""
+        return "\n".join(text.splitlines()[-lines:])
+
+    async def _agent_loop(self) -> None:
+        agent = self._agent
+        assert agent is not None
+        last_ips = 0.0
+        while True:
+            try:
+                await agent.sync(timeout=3)
+                if not self.status.condition(Condition.AGENT_CONNECTED):
+                    self._condition(Condition.AGENT_CONNECTED, True, "GuestAgentAnswered")
+                    self._condition(Condition.BOOTED, True, "GuestAgentAnswered")
+                    self._want_cpus_online = True
+                if self._want_cpus_online:
+                    self._want_cpus_online = False
+                    onlined = await agent.online_all_vcpus()
+                    if onlined:
+                        self._event("VcpusOnlined", count=onlined)
+                if time.monotonic() - last_ips > _AGENT_POLL:
+                    last_ips = time.monotonic()
+                    ips = await agent.ips()
+                    if ips != self.status.ips:
+                        self.status.ips = ips
+                        self._publish()
+                await asyncio.sleep(1.0)
+            except AgentError:
+                self._condition(Condition.AGENT_CONNECTED, False, "GuestAgentSilent")
+                await asyncio.sleep(1.0)
+
+    async def _watch_console(self) -> None:
+        marker = (self._boot_marker or "").encode()
+        while not self.status.condition(Condition.BOOTED):
+            try:
+                with open(self.files.console_log, "rb") as f:
+                    f.seek(self._console_offset)
+                    if marker in f.read():
+                        self._condition(Condition.BOOTED, True, "SerialMarker")
+                        return
+            except OSError:
+                pass
+            await asyncio.sleep(0.1)
+
+    # --- live values -----------------------------------------------------------------------
+
+    async def _refresh_live(self) -> None:
+        monitor = self._monitor
+        if monitor is None:
+            return
+        with contextlib.suppress(QemuError):
+            self.status.cpus = len(await monitor.query_list("query-cpus-fast"))
+        with contextlib.suppress(QemuError):
+            balloon = await monitor.query_dict("query-balloon")
+            self.status.ram = cast(int, balloon.get("actual"))
+        self._publish()
+
+    async def live_media(self) -> dict[str, str | None]:
+        """{cd device id: image file or None} as qemu reports it."""
+        monitor = self._monitor
+        if monitor is None:
+            return {}
+        media: dict[str, str | None] = {}
+        for dev in await monitor.query_list("query-block"):
+            qdev = str(dev.get("qdev") or "")
+            ident = qdev.rsplit("/", 1)[-1] if qdev.startswith("/") else qdev
+            if not dev.get("removable"):
+                continue
+            inserted = cast(dict[str, object] | None, dev.get("inserted"))
+            media[ident] = str(inserted.get("file")) if inserted else None
+        return media
+
+    # --- declarative changes ---------------------------------------------------------------
+
+    async def apply(self, doc: VmDocument) -> list[str]:
+        """Make the running VM match ``doc`` where that can be done live; return what waits
+        for a restart. A refused document leaves everything as it was (and says why)."""
+        try:
+            check_policy(doc, self.policy, emulator=self.paths.emulator)
+            pending = pending_restart(self._started_doc or self.doc, doc)
+        except CorralError as exc:
+            self.refuse_config(exc)
+            raise
+        async with self._lock:
+            self.doc = doc
+            self.status.config_error = None
+            self.status.pending_restart = pending
+            if self.state is not VmState.RUNNING or self._monitor is None:
+                self._publish()
+                return pending
+            failures: list[str] = []
+            for step in (self._apply_cpus, self._apply_ram, self._apply_media):
+                try:
+                    await step(doc)
+                except CorralError as exc:
+                    failures.append(str(exc))
+            try:
+                await self._apply_display_secret()
+            except CorralError as exc:
+                failures.append(str(exc))
+            if failures:
+                self.status.config_error = "; ".join(failures)
+                self._event("ApplyFailed", errors=failures)
+            self._event("Applied", pendingRestart=pending)
+            await self._refresh_live()
+            return pending
+
+    def refuse_config(self, exc: CorralError) -> None:
+        """Report a document that could not be used (unreadable, invalid, refused by policy);
+        the VM keeps running on the last good one."""
+        self.status.config_error = _one_line(exc)
+        self._event("ConfigRefused", error=self.status.config_error)
+        self._publish()
+
+    async def _apply_cpus(self, doc: VmDocument) -> None:
+        monitor = self._monitor
+        assert monitor is not None
+        want = doc.vm.cur_cpus
+        slots = await monitor.query_list("query-hotpluggable-cpus")
+        plugged = [s for s in slots if s.get("qom-path")]
+        if want == len(plugged):
+            return
+        if doc.vm.machine is MachineType.MICROVM:
+            raise QemuError("currentCpus: the microvm machine has no CPU hot-plug")
+        if want > len(slots):
+            raise QemuError(f"currentCpus: {want} is more than the {len(slots)} CPU slots")
+        if want > len(plugged):
+            free = sorted((s for s in slots if not s.get("qom-path")), key=_slot_key)
+            for slot in free[: want - len(plugged)]:
+                props = cast(dict[str, object], slot.get("props") or {})
+                dev_id = "cpu-" + "-".join(str(v) for _, v in sorted(props.items()))
+                await monitor.execute("device_add", {"driver": slot["type"], "id": dev_id, **props})
+            self._want_cpus_online = True
+            self._event("CpusPlugged", count=want - len(plugged))
+        else:
+            removable = sorted(
+                (s for s in plugged if str(s.get("qom-path")).startswith("/machine/peripheral/")),
+                key=_slot_key,
+                reverse=True,
+            )
+            surplus = len(plugged) - want
+            if surplus > len(removable):
+                raise QemuError(
+                    "currentCpus: only hot-plugged CPUs can be removed; "
+                    f"{len(plugged) - len(removable)} were there at start"
+                )
+            for slot in removable[:surplus]:
+                dev_id = str(slot["qom-path"]).rsplit("/", 1)[-1]
+                await monitor.execute("device_del", {"id": dev_id})
+            self._event("CpusUnplugRequested", count=surplus)
+
+    async def _apply_ram(self, doc: VmDocument) -> None:
+        monitor = self._monitor
+        assert monitor is not None
+        started = self._started_doc or doc
+        target = min(doc.vm.cur_ram, started.vm.maximum_ram)
+        if self.status.ram == target:
+            return
+        await monitor.execute("balloon", {"value": target})
+        self._event("BalloonTarget", bytes=target)
+
+    async def _apply_media(self, doc: VmDocument) -> None:
+        live = await self.live_media()
+        for dev, image in cdrom_media(doc).items():
+            if dev in live and live[dev] == image and dev not in self.status.cdrom_pending:
+                continue
+            await self._change_medium(dev, image)
+
+    async def _change_medium(self, dev: str, image: str | None) -> None:
+        monitor = self._monitor
+        assert monitor is not None
+        try:
+            if image:
+                await monitor.execute(
+                    "blockdev-change-medium",
+                    {"id": dev, "filename": image, "format": "raw", "read-only-mode": "read-only"},
+                )
+            else:
+                await monitor.execute("eject", {"id": dev})
+        except QemuError as exc:
+            text = str(exc)
+            if "locked" in text or "not open" in text or "tray" in text.lower():
+                self.status.cdrom_pending[dev] = image
+                self._event("MediaChangePending", device=dev, image=image, reason=text)
+                self._publish()
+                return
+            raise
+        self.status.cdrom_pending.pop(dev, None)
+        self.status.cdrom[dev] = image
+        self._event("MediaChanged", device=dev, image=image)
+        self._publish()
+
+    async def _apply_display_secret(self, *, force: bool = False) -> None:
+        monitor = self._monitor
+        display = self.doc.vm.display
+        if monitor is None or display is None:
+            return
+        secret = read_display_secret(self.paths.display_secret_file)
+        password, expiry = secret.password, secret.expiry
+        if password is None and display.spice is not None and display.spice.generate_secret:
+            password = self._generated_password()
+        if not force and (password, expiry) == self._secret_applied:
+            return
+        protocols = [p for p, on in (("spice", display.spice), ("vnc", display.vnc)) if on]
+        for protocol in protocols:
+            if password is not None:
+                pw = password[:8] if protocol == "vnc" else password
+                await monitor.execute("set_password", {"protocol": protocol, "password": pw})
+            await monitor.execute(
+                "expire_password", {"protocol": protocol, "time": expiry or "never"}
+            )
+        self._secret_applied = (password, expiry)
+        self._event("DisplayPasswordSet", protocols=protocols, expiry=expiry or "never")
+
+    def _generated_password(self) -> str:
+        path = self.files.generated_secret
+        try:
+            return path.read_text().strip()
+        except OSError:
+            password = secrets.token_urlsafe(12)
+            write_atomic(path, (password + "\n").encode(), 0o600)
+            return password
+
+    async def display_secret_changed(self) -> None:
+        """The secret file changed (it is not part of the document): apply it live."""
+        async with self._lock:
+            if self.state is VmState.RUNNING:
+                await self._apply_display_secret()
+
+    # --- stop ------------------------------------------------------------------------------
+
+    async def stop(self, *, timeout: float | None = None) -> str:
+        """Graceful stop; returns how it ended: powerdown, quit, kill (or already-stopped)."""
+        async with self._lock:
+            if self.state in (VmState.STOPPED, VmState.CRASHED):
+                return "already-stopped"
+            self._stopping = True
+            self._restart_on_exit = False
+            self._set_state(VmState.STOPPING)
+            exited = self._exited
+            monitor = self._monitor
+            assert exited is not None
+            limit = self.doc.vm.powerdown_timeout if timeout is None else timeout
+            how = "quit"
+            if monitor is not None and not exited.done():
+                try:
+                    run = await monitor.query_dict("query-status")
+                    if run.get("status") == "running" and limit > 0:
+                        await monitor.execute("system_powerdown")
+                        self._event("PowerdownRequested", timeout=limit)
+                        how = await self._wait_powerdown(exited, limit)
+                except QemuError as exc:
+                    self._event("PowerdownFailed", error=str(exc))
+            if not exited.done():
+                if how != "powerdown":
+                    self._event("PowerdownTimeout", timeout=limit)
+                    how = "quit"
+                if monitor is not None:
+                    with contextlib.suppress(QemuError):
+                        await monitor.execute("quit", timeout=5)
+                with contextlib.suppress(TimeoutError):
+                    await asyncio.wait_for(asyncio.shield(exited), _QUIT_WAIT)
+            if not exited.done():
+                how = "kill"
+                await self._kill_qemu()
+            self.status.stopped_by = how
+        await self._finished.wait()
+        return how
+
+    async def _wait_powerdown(self, exited: asyncio.Future[ExitInfo], limit: float) -> str:
+        shutdown: asyncio.Future[Any] = asyncio.ensure_future(self._shutdown_seen.wait())
+        gone: asyncio.Future[Any] = asyncio.ensure_future(asyncio.shield(exited))
+        try:
+            done, _ = await asyncio.wait(
+                {shutdown, gone}, timeout=limit, return_when=asyncio.FIRST_COMPLETED
+            )
+        finally:
+            shutdown.cancel()
+            gone.cancel()
+        return "powerdown" if done else "timeout"
+
+    async def _kill_qemu(self) -> None:
+        pid = self._pid
+        if pid is None:
+            return
+        with contextlib.suppress(ProcessLookupError):
+            os.kill(pid, signal.SIGKILL)
+        if self._exited is not None:
+            with contextlib.suppress(TimeoutError, asyncio.CancelledError):
+                await asyncio.wait_for(asyncio.shield(self._exited), _KILL_WAIT)
+
+    async def kill(self) -> None:
+        """SIGKILL qemu now (the user asked for it: reported as Stopped, not Crashed)."""
+        async with self._lock:
+            if self.state in (VmState.STOPPED, VmState.CRASHED):
+                return
+            self._stopping = True
+            self._restart_on_exit = False
+            self.status.stopped_by = "kill"
+            self._set_state(VmState.STOPPING)
+            await self._kill_qemu()
+        await self._finished.wait()
+
+    async def reset(self) -> None:
+        async with self._lock:
+            if self._monitor is None or self.state is not VmState.RUNNING:
+                raise QemuError(f"VM {self.doc.name} is {self.state.value}, not running")
+            await self._monitor.execute("system_reset")
+
+    async def detach(self) -> None:
+        """Stop supervising without touching qemu or swtpm (manager shutdown, upgrade)."""
+        async with self._lock:
+            await self._close_channels()
+            if self._exited is not None and not self._exited.done():
+                self._exited.cancel()
+
+
+def _slot_key(slot: dict[str, object]) -> tuple[int, ...]:
+    props = cast(dict[str, int], slot.get("props") or {})
+    return tuple(
+        int(props.get(k, 0)) for k in ("node-id", "socket-id", "die-id", "core-id", "thread-id")
+    )
+
+
+def _one_line(exc: CorralError) -> str:
+    issues = "; ".join(str(i) for i in exc.issues)
+    return f"{exc.message}: {issues}" if issues else exc.message
+
+
+def _watch_pid(pid: int) -> asyncio.Future[ExitInfo]:
+    """A future that completes when a process that is not our child exits (pidfd)."""
+    loop = asyncio.get_running_loop()
+    fut: asyncio.Future[ExitInfo] = loop.create_future()
+    try:
+        fd = os.pidfd_open(pid)
+    except ProcessLookupError:
+        fut.set_result(ExitInfo(None, None, known=False))
+        return fut
+
+    def on_exit() -> None:
+        loop.remove_reader(fd)
+        os.close(fd)
+        if not fut.done():
+            fut.set_result(ExitInfo(None, None, known=False))
+
+    loop.add_reader(fd, on_exit)
+
+    def cleanup(_: asyncio.Future[ExitInfo]) -> None:
+        if fut.cancelled():
+            with contextlib.suppress(Exception):
+                loop.remove_reader(fd)
+                os.close(fd)
+
+    fut.add_done_callback(cleanup)
+    return fut
