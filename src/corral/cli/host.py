@@ -50,3 +50,31 @@ def info(as_json: bool, emulator: str, policy_file: str | None) -> None:
     click.echo(f"tsc kHz:            {facts.tsc_khz}")
     paths = policy.image_paths if policy.image_paths is not None else "any"
     click.echo(f"policy:             imagePaths={paths} argsAllowlist={policy.args_allowlist}")
+
+
+@host.command("shutdown")
+@click.option("--state-dir", required=True, type=click.Path(file_okay=False))
+@click.option("--config", "config_file", default=None, type=click.Path(dir_okay=False))
+@click.option("--timeout", type=float, default=None, help="Override every VM's powerdownTimeout.")
+@click.option("--json", "as_json", is_flag=True, help="Machine-readable output.")
+def shutdown(state_dir: str, config_file: str | None, timeout: float | None, as_json: bool) -> None:
+    """Stop every VM gracefully, in parallel; report which needed force (libvirt-guests)."""
+    import asyncio
+
+    from corral.cli.serve import manager_config
+    from corral.manager import ManagerConfig
+    from corral.manager.daemon import host_shutdown
+
+    cfg = manager_config(state_dir, config_file)
+    assert isinstance(cfg, ManagerConfig)
+    result = asyncio.run(host_shutdown(cfg, timeout))
+    if as_json:
+        click.echo(json.dumps(result, indent=2, sort_keys=True))
+        return
+    forced = sorted(n for n, how in result.items() if how in ("quit", "kill"))
+    for name, how in sorted(result.items()):
+        click.echo(f"{name:<32} {how}")
+    click.echo(
+        f"{len(result)} VM(s) stopped, {len(forced)} needed force"
+        + (f": {', '.join(forced)}" if forced else "")
+    )

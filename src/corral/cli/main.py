@@ -37,13 +37,14 @@ def cli(debug: bool) -> None:
 
 
 def _register() -> None:
-    from corral.cli import host, render, run
+    from corral.cli import host, render, run, serve
 
     cli.add_command(render.render)
     cli.add_command(render.validate)
     cli.add_command(render.schema)
     cli.add_command(host.host)
     cli.add_command(run.run)
+    cli.add_command(serve.serve)
 
 
 _register()

@@ -540,6 +540,11 @@ class Spec(_Model):
     """``spec``: the VM plus VM-Operator's pod-level fields, which are kept for Kubernetes."""
 
     guest_shutdown_stops: bool = False
+    restart_policy: Literal["Always", "Never"] = Field(
+        default="Always",
+        description="what the manager does when qemu dies on its own: restart it with "
+        "exponential backoff (Always) or leave it Crashed (Never)",
+    )
     cloud_init: CloudInit | None = None
     vm: VmSpec
     # VM-Operator pod-level fields: accepted so its files validate; used by the operator.

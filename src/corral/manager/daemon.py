@@ -1,0 +1,92 @@
+"""``corral serve``: the manager as a long-running service, and host shutdown.
+
+One daemon per state dir: it holds an exclusive lock on ``<state>/daemon.lock`` (with its pid
+inside) for as long as it runs, so two daemons never drive the same VMs.
+
+SIGTERM/SIGINT end the daemon and leave every VM running (an upgrade or restart of corral is
+invisible to guests), unless ``stopVmsOnExit`` is set: then it is the host-shutdown hook and
+stops every VM gracefully, in parallel, first (what libvirt-guests does).
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import fcntl
+import json
+import os
+import signal
+import sys
+from collections.abc import Iterator
+from pathlib import Path
+from typing import IO
+
+from corral.errors import Conflict
+from corral.manager.config import ManagerConfig
+from corral.manager.manager import Manager
+
+__all__ = ["daemon_lock", "host_shutdown", "serve"]
+
+
+@contextlib.contextmanager
+def daemon_lock(state_dir: Path) -> Iterator[None]:
+    """Hold ``<state>/daemon.lock``; Conflict naming the holder's pid if another has it."""
+    state_dir.mkdir(parents=True, exist_ok=True)
+    path = state_dir / "daemon.lock"
+    fd = os.open(path, os.O_RDWR | os.O_CREAT | os.O_CLOEXEC, 0o600)
+    try:
+        try:
+            fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except BlockingIOError:
+            holder = os.pread(fd, 32, 0).decode(errors="replace").strip() or "?"
+            raise Conflict(
+                f"another corral daemon (pid {holder}) manages {state_dir}; stop it first"
+            ) from None
+        os.ftruncate(fd, 0)
+        os.pwrite(fd, f"{os.getpid()}\n".encode(), 0)
+        yield
+    finally:
+        os.close(fd)
+
+
+def _log(stream: IO[str], event: str, **fields: object) -> None:
+    stream.write(json.dumps({"event": event, **fields}, default=str) + "\n")
+    stream.flush()
+
+
+async def serve(config: ManagerConfig, *, log: IO[str] = sys.stderr) -> int:
+    with daemon_lock(config.state_dir):
+        stop = asyncio.Event()
+        loop = asyncio.get_running_loop()
+        for sig in (signal.SIGTERM, signal.SIGINT):  # before open: a stop while adopting waits
+            loop.add_signal_handler(sig, stop.set)
+        manager = Manager(config)
+        adopted = await manager.open()
+        _log(
+            log,
+            "DaemonStarted",
+            pid=os.getpid(),
+            stateDir=str(config.state_dir),
+            vms=len(adopted),
+            reattached=sorted(n for n, ok in adopted.items() if ok),
+        )
+        try:
+            await stop.wait()
+        finally:
+            for sig in (signal.SIGTERM, signal.SIGINT):
+                loop.remove_signal_handler(sig)
+            result = await manager.close(stop_vms=config.stop_vms_on_exit)
+            _log(log, "DaemonStopped", stoppedVms=result)
+    return 0
+
+
+async def host_shutdown(config: ManagerConfig, timeout: float | None = None) -> dict[str, str]:
+    """Stop every VM of a state dir gracefully, in parallel (no daemon may be running:
+    with one, use ``stopVmsOnExit`` and stop the daemon). Returns {name: how it ended}."""
+    with daemon_lock(config.state_dir):
+        manager = Manager(config)
+        await manager.open(reconcile=False)
+        try:
+            return await manager.stop_all(timeout)
+        finally:
+            await manager.close()

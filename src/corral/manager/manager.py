@@ -1,0 +1,645 @@
+"""The manager: desired state for many VMs on one host, and the loop that makes it so.
+
+It keeps what should be (the store), observes what is (the backend), and closes the
+difference. The Python API here (create, replace, patch, start, stop, restart, reset, kill,
+delete, list, get, events, images, stop_all) is what the REST API, the CLI and the other
+interfaces call; it is async, typed, and raises the :mod:`corral.errors` tree.
+
+Reconciling::
+
+    kick(name) ──► per-VM worker (one at a time per VM, in order) ──► reconcile(name)
+                       │  bounded by a pool of ``workers`` across VMs
+    resync timer ──────┘  (every VM, every ``resyncSeconds``)
+
+    desired Running, not running   -> start (admission again first)
+    desired Running, crashed       -> restartPolicy Always: start after backoff
+                                      (initial * 2^(n-1), capped); Never: leave it Crashed
+    desired Running, spec changed  -> hand the new document to the runner: live changes
+                                      apply, the rest is reported pending restart
+    desired Stopped, running       -> graceful stop (powerdown, timeout, quit, kill)
+
+Lifecycle: :meth:`open` first re-attaches to every VM that still runs (pidfile + QMP), in
+parallel, restarting none; only then does it reconcile, which starts the VMs that are desired
+Running and have no qemu (a host reboot), ``autostartParallel`` at a time. :meth:`close`
+leaves every VM running (upgrade-safe) unless asked to stop them (host shutdown).
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import copy
+import os
+import time
+from collections.abc import AsyncIterator, Callable, Coroutine, Mapping
+from dataclasses import dataclass
+from datetime import UTC, datetime
+from enum import StrEnum
+from pathlib import Path
+from typing import Any
+
+from corral.errors import Conflict, CorralError, FieldIssue, NotFound, PolicyError, SpecError
+from corral.host.images import ImageRecord, ImageStore
+from corral.manager.backend import Backend, EmbeddedBackend, Observed
+from corral.manager.config import ManagerConfig
+from corral.manager.store import Store, StoredEvent, VmRecord
+from corral.runner.status import VmState
+from corral.spec import HostPolicy, VmDocument, check_policy, load_policy, parse_document
+
+__all__ = ["Manager", "ManagerState", "json_merge_patch"]
+
+_RUNNER_FIELDS_OWNED = ("data_dir", "runtime_dir", "status_file", "emulator")
+
+
+class ManagerState(StrEnum):
+    NEW = "New"
+    OPENING = "Opening"
+    OPEN = "Open"
+    CLOSING = "Closing"
+    CLOSED = "Closed"
+
+
+def json_merge_patch(target: object, patch: object) -> object:
+    """RFC 7386: objects merge recursively, ``null`` deletes, anything else replaces."""
+    if not isinstance(patch, Mapping):
+        return copy.deepcopy(patch)
+    result: dict[str, object] = dict(target) if isinstance(target, Mapping) else {}
+    for key, value in patch.items():
+        if value is None:
+            result.pop(key, None)
+        else:
+            result[key] = json_merge_patch(result.get(key), value)
+    return result
+
+
+def _now_iso() -> str:
+    return datetime.now(UTC).isoformat(timespec="milliseconds").replace("+00:00", "Z")
+
+
+def _host_cpus() -> int:
+    return len(os.sched_getaffinity(0))
+
+
+def _host_ram() -> int:
+    return os.sysconf("SC_PAGE_SIZE") * os.sysconf("SC_PHYS_PAGES")
+
+
+@dataclass
+class _Backoff:
+    failures: int = 0
+    due: float = 0.0  # time.monotonic() of the next allowed start
+
+
+class Manager:
+    def __init__(
+        self,
+        config: ManagerConfig,
+        *,
+        policy: HostPolicy | None = None,
+        backend: Backend | None = None,
+    ) -> None:
+        self.config = config
+        self.policy = policy if policy is not None else load_policy(config.policy_file)
+        config.state_dir.mkdir(parents=True, exist_ok=True)
+        self.store = Store(config.store)
+        self.images = ImageStore(config.images)
+        self.backend: Backend = backend or EmbeddedBackend(
+            config.vms, config.run, self.policy, self._on_event, accelerator=config.accelerator
+        )
+        self.state = ManagerState.NEW
+        self._locks: dict[str, asyncio.Lock] = {}
+        self._dirty: set[str] = set()
+        self._workers: dict[str, asyncio.Task[None]] = {}
+        self._pool = asyncio.Semaphore(config.workers)
+        self._applied_generation: dict[str, int] = {}
+        self._backoff: dict[str, _Backoff] = {}
+        self._timers: dict[str, asyncio.TimerHandle] = {}
+        self._last_error: dict[str, str] = {}
+        self._subscribers: set[tuple[str | None, asyncio.Queue[StoredEvent]]] = set()
+        self._resync: asyncio.Task[None] | None = None
+        self._background: set[asyncio.Future[object]] = set()
+        self._passive = False
+        self._autostart = asyncio.Semaphore(config.autostart_parallel)
+
+    # --- lifecycle -------------------------------------------------------------------------
+
+    async def open(self, *, reconcile: bool = True) -> dict[str, bool]:
+        """Re-attach to every running VM (restarting none), then reconcile everything
+        (``reconcile=False``: only re-attach, e.g. to stop them all at host shutdown).
+
+        Returns {name: re-attached} for the VMs in the store.
+        """
+        if self.state is not ManagerState.NEW:
+            raise Conflict(f"manager is {self.state.value}")
+        self.state = ManagerState.OPENING
+        records = self.store.all()
+
+        async def adopt(rec: VmRecord) -> bool:
+            try:
+                attached = await self.backend.adopt(self._runtime_document(rec.document))
+            except CorralError as exc:
+                self._record_event(rec.name, "AdoptFailed", {"error": str(exc)})
+                return False
+            if attached:
+                self._applied_generation[rec.name] = rec.generation
+                self._record_event(
+                    rec.name, "Adopted", {"pid": self._observe(rec.name).status.get("pid")}
+                )
+            self._write_status(rec.name)
+            return attached
+
+        results = await asyncio.gather(*(adopt(r) for r in records))
+        self.state = ManagerState.OPEN
+        if reconcile:
+            for rec in records:
+                self.kick(rec.name)
+            self._resync = asyncio.ensure_future(self._resync_loop())
+        else:
+            self._passive = True
+        return {r.name: ok for r, ok in zip(records, results, strict=True)}
+
+    async def close(self, *, stop_vms: bool = False) -> dict[str, str]:
+        """Stop reconciling. VMs keep running unless ``stop_vms`` (host shutdown)."""
+        if self.state in (ManagerState.CLOSING, ManagerState.CLOSED):
+            return {}
+        self.state = ManagerState.CLOSING
+        if self._resync is not None:
+            self._resync.cancel()
+        for timer in self._timers.values():
+            timer.cancel()
+        self._timers.clear()
+        for task in list(self._workers.values()):
+            task.cancel()
+        await asyncio.gather(*self._workers.values(), return_exceptions=True)
+        result = await self.stop_all() if stop_vms else {}
+        await self.backend.close()
+        self.store.close()
+        self.state = ManagerState.CLOSED
+        return result
+
+    async def __aenter__(self) -> Manager:
+        await self.open()
+        return self
+
+    async def __aexit__(self, *exc: object) -> None:
+        await self.close()
+
+    async def stop_all(self, timeout: float | None = None) -> dict[str, str]:
+        """Host shutdown: stop every running VM gracefully, in parallel, each within its own
+        powerdown timeout. Desired state is kept, so they come back when the daemon starts
+        again. Returns {name: how it ended}; 'quit' or 'kill' means it needed force."""
+
+        async def one(name: str) -> tuple[str, str]:
+            async with self._lock(name):
+                try:
+                    how = await self.backend.stop(name, timeout=timeout)
+                except CorralError as exc:
+                    how = f"error: {exc}"
+                self._record_event(name, "HostShutdownStop", {"how": how})
+                self._write_status(name)
+                return name, how
+
+        active = [n for n in self.store.names() if self._observe(n).active]
+        return dict(await asyncio.gather(*(one(n) for n in active)))
+
+    # --- the API: VMs ----------------------------------------------------------------------
+
+    def list_vms(self, *, state: str | None = None, label: str | None = None) -> list[VmRecord]:
+        """VMs, filtered by observed state (Running, Stopped, ...) and/or a label selector
+        ``key=value`` or ``key`` (has the label)."""
+        records = self.store.all()
+        if state is not None:
+            records = [r for r in records if r.status.get("state", "Stopped") == state]
+        if label is not None:
+            key, sep, value = label.partition("=")
+            records = [
+                r for r in records if key in r.labels and (not sep or r.labels[key] == value)
+            ]
+        return records
+
+    def get(self, name: str) -> VmRecord:
+        return self.store.get(name)
+
+    async def create(self, doc: VmDocument | Mapping[str, Any]) -> VmRecord:
+        document = self._parse(doc)
+        self._admit(document)
+        record = self.store.create(document)
+        self._record_event(record.name, "Created", {"generation": record.generation})
+        self._write_status(record.name)
+        self.kick(record.name)
+        return self.store.get(record.name)
+
+    async def replace(
+        self, doc: VmDocument | Mapping[str, Any], resource_version: str | None = None
+    ) -> VmRecord:
+        document = self._parse(doc)
+        self.store.get(document.name)
+        self._admit(document)
+        record = self.store.replace(document, resource_version)
+        self._record_event(record.name, "SpecChanged", {"generation": record.generation})
+        self.kick(record.name)
+        return record
+
+    async def apply(self, doc: VmDocument | Mapping[str, Any]) -> VmRecord:
+        """Create or replace (``kubectl apply``)."""
+        document = self._parse(doc)
+        if self.store.find(document.name) is None:
+            return await self.create(document)
+        return await self.replace(document)
+
+    async def patch(
+        self, name: str, patch: Mapping[str, Any], resource_version: str | None = None
+    ) -> VmRecord:
+        """A JSON merge patch (RFC 7386) on the VM document (metadata and spec)."""
+        current = self.store.get(name)
+        if resource_version is None:
+            resource_version = current.resource_version
+        body = current.document.model_dump(mode="json", by_alias=True, exclude_none=True)
+        merged = json_merge_patch(body, {k: v for k, v in patch.items() if k != "status"})
+        if not isinstance(merged, dict):
+            raise SpecError.single("", "a merge patch must be an object")
+        meta = merged.get("metadata")
+        if not isinstance(meta, dict) or meta.get("name") != name:
+            raise SpecError.single("metadata.name", "a VM cannot be renamed")
+        return await self.replace(merged, resource_version)
+
+    async def _set_desired(self, name: str, state: str) -> VmRecord:
+        for _ in range(20):  # retry on a concurrent writer: this is a read-modify-write
+            current = self.store.get(name)
+            if current.desired == state:
+                return current
+            try:
+                return await self.patch(
+                    name, {"spec": {"vm": {"state": state}}}, current.resource_version
+                )
+            except Conflict:
+                await asyncio.sleep(0.01)
+        raise Conflict(f"VM {name!r} changes too fast to set its state; retry")
+
+    async def start(self, name: str, *, wait: float | None = None) -> VmRecord:
+        self._backoff.pop(name, None)
+        self._last_error.pop(name, None)
+        record = await self._set_desired(name, "Running")
+        self.kick(name)
+        if wait:
+            await self.wait_for(name, {"Running"}, wait)
+        return record
+
+    async def stop(self, name: str, *, wait: float | None = None) -> VmRecord:
+        record = await self._set_desired(name, "Stopped")
+        self.kick(name)
+        if wait:
+            await self.wait_for(name, {"Stopped", "Crashed"}, wait)
+        return record
+
+    async def restart(self, name: str, *, wait: float | None = None) -> VmRecord:
+        """Stop gracefully and start again (with the latest document: pending changes apply)."""
+        self.store.get(name)
+        async with self._lock(name):
+            await self.backend.stop(name)
+            self._write_status(name)
+        return await self.start(name, wait=wait)
+
+    async def reset(self, name: str) -> None:
+        self.store.get(name)
+        async with self._lock(name):
+            await self.backend.reset(name)
+            self._record_event(name, "ResetRequested", {})
+
+    async def kill(self, name: str) -> VmRecord:
+        """SIGKILL qemu now; the VM is then desired Stopped (nothing restarts it)."""
+        record = await self._set_desired(name, "Stopped")
+        async with self._lock(name):
+            await self.backend.kill(name)
+            self._write_status(name)
+        return record
+
+    async def delete(self, name: str, *, delete_disks: bool = False) -> None:
+        """Stop the VM gracefully and forget it. Its disks stay unless ``delete_disks``."""
+        self.store.get(name)
+        async with self._lock(name):
+            await self.backend.stop(name)
+            await self.backend.forget(name, delete_disks=delete_disks)
+            self.store.delete(name)
+            self._applied_generation.pop(name, None)
+            self._backoff.pop(name, None)
+            timer = self._timers.pop(name, None)
+            if timer is not None:
+                timer.cancel()
+            self._publish(self.store.add_event(name, "Deleted", {"deleteDisks": delete_disks}))
+
+    async def wait_for(self, name: str, states: set[str], timeout: float) -> VmRecord:
+        deadline = time.monotonic() + timeout
+        while True:
+            record = self.store.get(name)
+            if record.status.get("state") in states:
+                return record
+            if time.monotonic() > deadline:
+                raise CorralError(
+                    f"VM {name!r} is {record.status.get('state')}, not {'/'.join(sorted(states))}"
+                    f" after {timeout:g}s"
+                )
+            await asyncio.sleep(0.05)
+
+    def events(self, name: str | None = None, after: int = 0) -> list[StoredEvent]:
+        if name is not None:
+            self.store.get(name)
+        return self.store.events(name, after)
+
+    async def follow(self, name: str | None = None, after: int = 0) -> AsyncIterator[StoredEvent]:
+        """Past events after ``after``, then live ones as they happen."""
+        queue: asyncio.Queue[StoredEvent] = asyncio.Queue(maxsize=10000)
+        entry = (name, queue)
+        self._subscribers.add(entry)
+        try:
+            last = after
+            for event in self.events(name, after):
+                last = event.id
+                yield event
+            while True:
+                event = await queue.get()
+                if event.id > last:
+                    last = event.id
+                    yield event
+        finally:
+            self._subscribers.discard(entry)
+
+    # --- the API: images -------------------------------------------------------------------
+
+    def image_users(self) -> dict[str, list[str]]:
+        """{image path: [VM names whose disks overlay it]}."""
+        users: dict[str, list[str]] = {}
+        for record in self.store.all():
+            for disk in record.document.vm.disks:
+                if disk.file is not None and disk.file.image is not None:
+                    path = str(self._image_path(disk.file.image))
+                    users.setdefault(path, []).append(record.name)
+        return users
+
+    async def import_image(
+        self,
+        name: str,
+        source: str,
+        *,
+        checksum: str | None = None,
+        progress: Callable[[int, int | None], None] | None = None,
+        replace: bool = False,
+    ) -> ImageRecord:
+        users: list[str] = []
+        if replace:
+            with contextlib.suppress(NotFound):
+                users = self.image_users().get(str(self.images.path(name)), [])
+        record = await self.images.import_image(
+            name, source, checksum=checksum, progress=progress, replace=replace, users=users
+        )
+        self._publish(self.store.add_event("", "ImageImported", record.to_json()))
+        return record
+
+    def list_images(self) -> list[tuple[ImageRecord, list[str]]]:
+        users = self.image_users()
+        return [(img, users.get(str(img.path), [])) for img in self.images.list()]
+
+    async def delete_image(self, name: str) -> None:
+        users = self.image_users().get(str(self.images.path(name)), [])
+        await self.images.delete(name, users=users)
+
+    # --- admission -------------------------------------------------------------------------
+
+    def _parse(self, doc: VmDocument | Mapping[str, Any]) -> VmDocument:
+        return doc if isinstance(doc, VmDocument) else parse_document(dict(doc))
+
+    def _image_path(self, image: str) -> Path:
+        """A disk's ``image``: an absolute path, or the name of an image in the store."""
+        return Path(image) if "/" in image else self.images.path(image)
+
+    def _runtime_document(self, doc: VmDocument) -> VmDocument:
+        """The document the runner gets: image-store names resolved to paths."""
+        if not any(d.file is not None and d.file.image and "/" not in d.file.image
+                   for d in doc.vm.disks):  # fmt: skip
+            return doc
+        data = doc.model_dump(mode="json", by_alias=True, exclude_none=True)
+        for disk in data["spec"]["vm"]["disks"]:
+            image = disk.get("file", {}).get("image")
+            if image and "/" not in image:
+                disk["file"]["image"] = str(self.images.path(image))
+        return parse_document(data)
+
+    def _admit(self, doc: VmDocument) -> None:
+        """Refuse (changing nothing) what this host must not run: policy, limits, files."""
+        issues: list[FieldIssue] = []
+        if doc.runner is not None:
+            for field in _RUNNER_FIELDS_OWNED:
+                if getattr(doc.runner, field) is not None:
+                    camel = field.split("_")[0] + "".join(p.title() for p in field.split("_")[1:])
+                    issues.append(FieldIssue(f"runner.{camel}", "is set by the manager; remove it"))
+        for i, disk in enumerate(doc.vm.disks):
+            image = disk.file.image if disk.file is not None else None
+            if image and "/" not in image:
+                try:
+                    self.images.get(image)
+                except NotFound:
+                    issues.append(
+                        FieldIssue(
+                            f"spec.vm.disks[{i}].file.image",
+                            f"no image {image!r} in the image store (corral image list)",
+                        )
+                    )
+        if issues:
+            raise PolicyError.of(issues)
+        check_policy(self._runtime_document(doc), self.policy)
+        if doc.vm.state == "Running":
+            self._check_capacity(doc)
+
+    def _check_capacity(self, doc: VmDocument) -> None:
+        cpus, ram = doc.vm.max_cpus, doc.vm.maximum_ram
+        for record in self.store.all():
+            if record.name != doc.name and record.desired == "Running":
+                cpus += record.document.vm.max_cpus
+                ram += record.document.vm.maximum_ram
+        cpu_limit = int(_host_cpus() * self.config.cpu_overcommit)
+        ram_limit = int(_host_ram() * self.config.ram_overcommit)
+        issues = []
+        if cpus > cpu_limit:
+            issues.append(
+                FieldIssue(
+                    "spec.vm.maximumCpus",
+                    f"running VMs would have {cpus} CPUs; this host allows {cpu_limit} "
+                    f"({_host_cpus()} cores x cpuOvercommit {self.config.cpu_overcommit:g})",
+                )
+            )
+        if ram > ram_limit:
+            issues.append(
+                FieldIssue(
+                    "spec.vm.maximumRam",
+                    f"running VMs would have {ram // 2**20} MiB; this host allows "
+                    f"{ram_limit // 2**20} MiB (ramOvercommit {self.config.ram_overcommit:g})",
+                )
+            )
+        if issues:
+            raise PolicyError.of(issues)
+
+    # --- reconciling -----------------------------------------------------------------------
+
+    def _lock(self, name: str) -> asyncio.Lock:
+        return self._locks.setdefault(name, asyncio.Lock())
+
+    def kick(self, name: str, delay: float = 0.0) -> None:
+        """Ask for ``name`` to be reconciled (after ``delay`` seconds)."""
+        if self.state is not ManagerState.OPEN or self._passive:
+            return
+        if delay > 0:
+            old = self._timers.pop(name, None)
+            if old is not None:
+                old.cancel()
+            loop = asyncio.get_running_loop()
+            self._timers[name] = loop.call_later(delay, self._timer_fired, name)
+            return
+        self._dirty.add(name)
+        if name not in self._workers:
+            task = asyncio.ensure_future(self._worker(name))
+            self._workers[name] = task
+
+    def _timer_fired(self, name: str) -> None:
+        self._timers.pop(name, None)
+        self.kick(name)
+
+    async def _worker(self, name: str) -> None:
+        try:
+            while name in self._dirty and self.state is ManagerState.OPEN:
+                self._dirty.discard(name)
+                async with self._pool, self._lock(name):
+                    try:
+                        await self._reconcile(name)
+                    except CorralError as exc:
+                        self._last_error[name] = str(exc)
+                        self._record_event(name, "ReconcileFailed", {"error": str(exc)})
+                        self._write_status(name)
+        finally:
+            self._workers.pop(name, None)
+
+    async def _resync_loop(self) -> None:
+        while True:
+            await asyncio.sleep(self.config.resync_seconds)
+            for name in self.store.names():
+                self.kick(name)
+
+    def _observe(self, name: str) -> Observed:
+        return self.backend.observe(name)
+
+    async def _reconcile(self, name: str) -> None:
+        record = self.store.find(name)
+        if record is None:
+            return
+        observed = self._observe(name)
+        if record.desired == "Stopped":
+            if observed.active:
+                how = await self.backend.stop(name)
+                self._record_event(name, "Stopped", {"how": how})
+            self._write_status(name)
+            return
+        if observed.active:
+            if self._applied_generation.get(name) != record.generation:
+                document = self._runtime_document(record.document)
+                try:
+                    await self.backend.apply(document)
+                finally:
+                    self._applied_generation[name] = record.generation
+            self._write_status(name)
+            return
+        if observed.state is VmState.CRASHED:
+            if record.document.spec.restart_policy == "Never":
+                self._write_status(name)
+                return
+            backoff = self._backoff.get(name)
+            if backoff is not None and time.monotonic() < backoff.due:
+                self.kick(name, backoff.due - time.monotonic())
+                self._write_status(name)
+                return
+        await self._start(record)
+
+    async def _start(self, record: VmRecord) -> None:
+        name = record.name
+        async with self._autostart:
+            try:
+                self._admit(record.document)
+                await self.backend.start(self._runtime_document(record.document))
+            except CorralError as exc:
+                self._last_error[name] = str(exc)
+                self._schedule_restart(name, "StartFailed", str(exc))
+                self._write_status(name)
+                return
+        self._last_error.pop(name, None)
+        self._applied_generation[name] = record.generation
+        self._write_status(name)
+
+    def _schedule_restart(self, name: str, reason: str, detail: str) -> None:
+        backoff = self._backoff.setdefault(name, _Backoff())
+        backoff.failures += 1
+        delay = min(
+            self.config.backoff_initial_seconds * 2 ** (backoff.failures - 1),
+            self.config.backoff_max_seconds,
+        )
+        backoff.due = time.monotonic() + delay
+        self._record_event(
+            name,
+            "RestartScheduled",
+            {"reason": reason, "detail": detail, "failures": backoff.failures, "delay": delay},
+        )
+        self.kick(name, delay)
+
+    # --- events and status -----------------------------------------------------------------
+
+    def _on_event(self, name: str, event: dict[str, Any]) -> None:
+        """Every runner event: stored, published, and a crash schedules a restart."""
+        kind = str(event.get("event", "Event"))
+        if self.store.find(name) is None:
+            return
+        self._record_event(name, kind, event)
+        if kind == "StateChanged":
+            self._write_status(name)
+            if event.get("state") == VmState.CRASHED.value and self.state is ManagerState.OPEN:
+                record = self.store.find(name)
+                if record is not None and record.desired == "Running":
+                    if record.document.spec.restart_policy == "Never":
+                        self._record_event(name, "NotRestarted", {"restartPolicy": "Never"})
+                    else:
+                        self._schedule_restart(name, "Crashed", str(event.get("exit")))
+            elif event.get("state") == VmState.STOPPED.value and event.get("stoppedBy") == "guest":
+                # guestShutdownStops: the guest's own poweroff is a wish to be Stopped
+                self._spawn(self._set_desired(name, "Stopped"))
+            elif event.get("state") == VmState.RUNNING.value:
+                backoff = self._backoff.get(name)
+                if backoff is not None:
+                    backoff.due = 0.0
+        elif kind in ("ConditionChanged", "Applied", "MediaChanged", "Attached"):
+            self._write_status(name)
+
+    def _spawn(self, coro: Coroutine[Any, Any, object]) -> None:
+        task = asyncio.ensure_future(coro)
+        self._background.add(task)
+        task.add_done_callback(self._background.discard)
+
+    def _record_event(self, name: str, kind: str, data: Mapping[str, Any]) -> None:
+        self._publish(self.store.add_event(name, kind, dict(data)))
+
+    def _publish(self, event: StoredEvent) -> None:
+        for vm, queue in list(self._subscribers):
+            if vm is None or vm == event.vm:
+                with contextlib.suppress(asyncio.QueueFull):
+                    queue.put_nowait(event)
+
+    def _write_status(self, name: str) -> None:
+        record = self.store.find(name)
+        if record is None:
+            return
+        observed = self._observe(name)
+        status = dict(observed.status)
+        status.setdefault("state", observed.state.value)
+        status["desiredState"] = record.desired
+        status["observedGeneration"] = self._applied_generation.get(name)
+        status["backend"] = self.backend.name
+        backoff = self._backoff.get(name)
+        status["restartCount"] = backoff.failures if backoff else 0
+        status["lastError"] = self._last_error.get(name)
+        status["observedAt"] = _now_iso()
+        self.store.set_status(name, status)

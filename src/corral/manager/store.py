@@ -1,0 +1,277 @@
+"""The manager's store: everything a restart needs, in one SQLite file (WAL).
+
+Per VM: the document (desired state included), a ``generation`` bumped on every spec change,
+a ``resourceVersion`` for optimistic concurrency (one counter for the whole store, like the
+Kubernetes API server's, so a version is never reused), the observed status and a bounded
+event history. Nothing the manager needs after a restart lives only in memory.
+
+Calls are synchronous and short (single-row reads and writes on a local file in WAL mode);
+the manager calls them from its event loop. One connection per store, guarded by a lock,
+so the store is safe to share between the loop and ``asyncio.to_thread`` work.
+"""
+
+from __future__ import annotations
+
+import json
+import sqlite3
+import threading
+import uuid
+from collections.abc import Iterator
+from contextlib import contextmanager
+from dataclasses import dataclass, field
+from datetime import UTC, datetime
+from pathlib import Path
+from typing import Any
+
+from corral.errors import Conflict, NotFound
+from corral.spec import VmDocument, parse_document
+
+__all__ = ["EVENTS_PER_VM", "Store", "StoredEvent", "VmRecord"]
+
+EVENTS_PER_VM = 500
+
+_SCHEMA = """
+CREATE TABLE IF NOT EXISTS meta (key TEXT PRIMARY KEY, value TEXT NOT NULL);
+CREATE TABLE IF NOT EXISTS vms (
+    name TEXT PRIMARY KEY,
+    uid TEXT NOT NULL,
+    document TEXT NOT NULL,
+    generation INTEGER NOT NULL,
+    resource_version INTEGER NOT NULL,
+    status TEXT NOT NULL,
+    created TEXT NOT NULL,
+    updated TEXT NOT NULL
+);
+CREATE TABLE IF NOT EXISTS events (
+    id INTEGER PRIMARY KEY AUTOINCREMENT,
+    vm TEXT NOT NULL,
+    ts TEXT NOT NULL,
+    kind TEXT NOT NULL,
+    data TEXT NOT NULL
+);
+CREATE INDEX IF NOT EXISTS events_vm ON events (vm, id);
+"""
+
+
+def _now() -> str:
+    return datetime.now(UTC).isoformat(timespec="milliseconds").replace("+00:00", "Z")
+
+
+@dataclass(frozen=True)
+class VmRecord:
+    """One VM as stored: what is wanted (``document``) and what was last seen (``status``)."""
+
+    name: str
+    uid: str
+    document: VmDocument
+    generation: int
+    resource_version: str
+    status: dict[str, Any]
+    created: str
+    updated: str
+
+    @property
+    def desired(self) -> str:
+        return self.document.vm.state
+
+    @property
+    def labels(self) -> dict[str, str]:
+        return dict(self.document.metadata.labels)
+
+    def to_json(self) -> dict[str, Any]:
+        """The VM document as the API shows it: metadata with identity, spec, status."""
+        doc = self.document.model_dump(mode="json", by_alias=True, exclude_none=True)
+        doc.pop("runner", None)
+        meta = doc.setdefault("metadata", {})
+        meta.update(
+            uid=self.uid,
+            generation=self.generation,
+            resourceVersion=self.resource_version,
+            creationTimestamp=self.created,
+        )
+        doc["status"] = dict(self.status)
+        return doc
+
+
+@dataclass(frozen=True)
+class StoredEvent:
+    id: int
+    vm: str
+    ts: str
+    kind: str
+    data: dict[str, Any] = field(default_factory=dict)
+
+    def to_json(self) -> dict[str, Any]:
+        return {"id": self.id, "vm": self.vm, "time": self.ts, "event": self.kind, **self.data}
+
+
+class Store:
+    def __init__(self, path: Path) -> None:
+        self.path = path
+        path.parent.mkdir(parents=True, exist_ok=True)
+        self._db = sqlite3.connect(path, check_same_thread=False, isolation_level=None)
+        self._lock = threading.RLock()
+        with self._lock:
+            self._db.execute("PRAGMA journal_mode=WAL")
+            self._db.execute("PRAGMA synchronous=NORMAL")
+            self._db.execute("PRAGMA busy_timeout=5000")
+            self._db.executescript(_SCHEMA)
+
+    def close(self) -> None:
+        with self._lock:
+            self._db.close()
+
+    @contextmanager
+    def _tx(self) -> Iterator[sqlite3.Connection]:
+        with self._lock:
+            self._db.execute("BEGIN IMMEDIATE")
+            try:
+                yield self._db
+            except BaseException:
+                self._db.execute("ROLLBACK")
+                raise
+            self._db.execute("COMMIT")
+
+    def _next_version(self, db: sqlite3.Connection) -> int:
+        row = db.execute("SELECT value FROM meta WHERE key = 'resourceVersion'").fetchone()
+        version = int(row[0]) + 1 if row else 1
+        db.execute(
+            "INSERT INTO meta (key, value) VALUES ('resourceVersion', ?) "
+            "ON CONFLICT (key) DO UPDATE SET value = excluded.value",
+            (str(version),),
+        )
+        return version
+
+    @staticmethod
+    def _record(row: tuple[Any, ...]) -> VmRecord:
+        name, uid, document, generation, version, status, created, updated = row
+        return VmRecord(
+            name=name,
+            uid=uid,
+            document=parse_document(json.loads(document)),
+            generation=int(generation),
+            resource_version=str(version),
+            status=json.loads(status),
+            created=created,
+            updated=updated,
+        )
+
+    _COLUMNS = "name, uid, document, generation, resource_version, status, created, updated"
+
+    # --- VMs -----------------------------------------------------------------------------
+
+    def create(self, doc: VmDocument) -> VmRecord:
+        now = _now()
+        text = _dump(doc)
+        with self._tx() as db:
+            if db.execute("SELECT 1 FROM vms WHERE name = ?", (doc.name,)).fetchone():
+                raise Conflict(f"VM {doc.name!r} already exists")
+            version = self._next_version(db)
+            db.execute(
+                f"INSERT INTO vms ({self._COLUMNS}) VALUES (?, ?, ?, 1, ?, ?, ?, ?)",  # noqa: S608
+                (doc.name, str(uuid.uuid4()), text, version, json.dumps({}), now, now),
+            )
+        return self.get(doc.name)
+
+    def get(self, name: str) -> VmRecord:
+        with self._lock:
+            row = self._db.execute(
+                f"SELECT {self._COLUMNS} FROM vms WHERE name = ?",  # noqa: S608 (constant columns)
+                (name,),
+            ).fetchone()
+        if row is None:
+            raise NotFound(f"VM {name!r} not found")
+        return self._record(row)
+
+    def find(self, name: str) -> VmRecord | None:
+        try:
+            return self.get(name)
+        except NotFound:
+            return None
+
+    def all(self) -> list[VmRecord]:
+        with self._lock:
+            rows = self._db.execute(
+                f"SELECT {self._COLUMNS} FROM vms ORDER BY name"  # noqa: S608 (constant columns)
+            ).fetchall()
+        return [self._record(r) for r in rows]
+
+    def names(self) -> list[str]:
+        with self._lock:
+            return [r[0] for r in self._db.execute("SELECT name FROM vms ORDER BY name")]
+
+    def replace(self, doc: VmDocument, expected_version: str | None = None) -> VmRecord:
+        """Store a new document; the generation goes up only when the document changed.
+
+        ``expected_version`` (the resourceVersion the caller read) must still be current,
+        else :class:`Conflict`: someone else wrote in between.
+        """
+        text = _dump(doc)
+        with self._tx() as db:
+            row = db.execute(
+                "SELECT document, generation, resource_version FROM vms WHERE name = ?",
+                (doc.name,),
+            ).fetchone()
+            if row is None:
+                raise NotFound(f"VM {doc.name!r} not found")
+            old_text, generation, version = row
+            if expected_version is not None and str(version) != str(expected_version):
+                raise Conflict(
+                    f"VM {doc.name!r} was changed since resourceVersion {expected_version} "
+                    f"(now {version}): read it again and retry"
+                )
+            if old_text != text:
+                db.execute(
+                    "UPDATE vms SET document = ?, generation = ?, resource_version = ?, "
+                    "updated = ? WHERE name = ?",
+                    (text, generation + 1, self._next_version(db), _now(), doc.name),
+                )
+        return self.get(doc.name)
+
+    def set_status(self, name: str, status: dict[str, Any]) -> None:
+        """Observed state: does not bump resourceVersion (a spec writer never conflicts with
+        the manager's own observations)."""
+        with self._lock:
+            self._db.execute(
+                "UPDATE vms SET status = ? WHERE name = ?",
+                (json.dumps(status, default=str), name),
+            )
+
+    def delete(self, name: str) -> None:
+        with self._tx() as db:
+            if db.execute("DELETE FROM vms WHERE name = ?", (name,)).rowcount == 0:
+                raise NotFound(f"VM {name!r} not found")
+
+    # --- events ----------------------------------------------------------------------------
+
+    def add_event(self, vm: str, kind: str, data: dict[str, Any]) -> StoredEvent:
+        ts = str(data.get("time") or _now())
+        body = {k: v for k, v in data.items() if k not in ("time", "vm", "event")}
+        with self._tx() as db:
+            cur = db.execute(
+                "INSERT INTO events (vm, ts, kind, data) VALUES (?, ?, ?, ?)",
+                (vm, ts, kind, json.dumps(body, default=str)),
+            )
+            event_id = int(cur.lastrowid or 0)
+            db.execute(
+                "DELETE FROM events WHERE vm = ? AND id NOT IN "
+                "(SELECT id FROM events WHERE vm = ? ORDER BY id DESC LIMIT ?)",
+                (vm, vm, EVENTS_PER_VM),
+            )
+        return StoredEvent(event_id, vm, ts, kind, body)
+
+    def events(self, vm: str | None = None, after: int = 0, limit: int = 1000) -> list[StoredEvent]:
+        query = "SELECT id, vm, ts, kind, data FROM events WHERE id > ?"
+        args: list[Any] = [after]
+        if vm is not None:
+            query += " AND vm = ?"
+            args.append(vm)
+        query += " ORDER BY id LIMIT ?"
+        args.append(limit)
+        with self._lock:
+            rows = self._db.execute(query, args).fetchall()
+        return [StoredEvent(r[0], r[1], r[2], r[3], json.loads(r[4])) for r in rows]
+
+
+def _dump(doc: VmDocument) -> str:
+    return json.dumps(doc.model_dump(mode="json", by_alias=True, exclude_none=True), sort_keys=True)
