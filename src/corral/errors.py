@@ -13,7 +13,9 @@ field path for validation errors.
      ├── NotFound             a named VM, image or file does not exist
      ├── Conflict             a stale resourceVersion, a duplicate name, a busy resource
      ├── HostError            the host lacks something (qemu binary, OVMF, swtpm, a tool)
-     └── QemuError            qemu failed to start or answered a command with an error
+     ├── QemuError            qemu failed to start or answered a command with an error
+     ├── Unauthorized         no bearer token, or a wrong one (TCP API)
+     └── Timeout              a wait (--wait, a powerdown) ran out
 """
 
 from __future__ import annotations
@@ -30,6 +32,8 @@ __all__ = [
     "PolicyError",
     "QemuError",
     "SpecError",
+    "Timeout",
+    "Unauthorized",
 ]
 
 
@@ -109,3 +113,13 @@ class QemuError(CorralError):
 
     status = 502
     problem_type = "urn:corral:qemu"
+
+
+class Unauthorized(CorralError):
+    status = 401
+    problem_type = "urn:corral:unauthorized"
+
+
+class Timeout(CorralError):
+    status = 504
+    problem_type = "urn:corral:timeout"

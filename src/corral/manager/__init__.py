@@ -7,6 +7,7 @@ from corral.manager.backend import Backend, EmbeddedBackend, Observed
 from corral.manager.config import ManagerConfig, load_manager_config
 from corral.manager.manager import Manager, ManagerState, json_merge_patch
 from corral.manager.store import Store, StoredEvent, VmRecord
+from corral.manager.systemd import SystemdBackend
 
 __all__ = [
     "Backend",
@@ -17,6 +18,7 @@ __all__ = [
     "Observed",
     "Store",
     "StoredEvent",
+    "SystemdBackend",
     "VmRecord",
     "json_merge_patch",
     "load_manager_config",

@@ -26,7 +26,7 @@ from typing import Any, Protocol
 from corral.errors import CorralError, NotFound
 from corral.runner.config import RunnerPaths, resolve_paths
 from corral.runner.status import VmState
-from corral.runner.supervisor import VmSupervisor
+from corral.runner.supervisor import ExecResult, VmSupervisor
 from corral.spec import HostPolicy, VmDocument
 
 __all__ = ["Backend", "EmbeddedBackend", "EventCallback", "Observed"]
@@ -68,6 +68,14 @@ class Backend(Protocol):
 
     async def forget(self, name: str, *, delete_disks: bool) -> None:
         """The VM is deleted (and stopped): drop runtime files, and its disks if asked."""
+
+    def console_socket(self, name: str) -> Path:
+        """The serial console's unix socket of a running VM."""
+
+    async def exec(
+        self, name: str, argv: list[str], *, stdin: bytes | None = None, timeout: float = 60.0
+    ) -> ExecResult:
+        """Run a program in the guest (guest agent)."""
 
     async def close(self) -> None:
         """Stop supervising; every VM keeps running."""
@@ -157,6 +165,14 @@ class EmbeddedBackend:
     def supervisor(self, name: str) -> VmSupervisor | None:
         """The VM's supervisor (for the guest agent and console), if it has one."""
         return self._sups.get(name)
+
+    def console_socket(self, name: str) -> Path:
+        return self._get(name).console_socket
+
+    async def exec(
+        self, name: str, argv: list[str], *, stdin: bytes | None = None, timeout: float = 60.0
+    ) -> ExecResult:
+        return await self._get(name).exec(argv, stdin=stdin, timeout=timeout)
 
     async def forget(self, name: str, *, delete_disks: bool) -> None:
         sup = self._sups.pop(name, None)

@@ -17,7 +17,8 @@ import json
 import os
 import signal
 import sys
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator, Sequence
+from contextlib import AbstractAsyncContextManager
 from pathlib import Path
 from typing import IO
 
@@ -25,7 +26,7 @@ from corral.errors import Conflict
 from corral.manager.config import ManagerConfig
 from corral.manager.manager import Manager
 
-__all__ = ["daemon_lock", "host_shutdown", "serve"]
+__all__ = ["Service", "daemon_lock", "host_shutdown", "serve"]
 
 
 @contextlib.contextmanager
@@ -54,7 +55,15 @@ def _log(stream: IO[str], event: str, **fields: object) -> None:
     stream.flush()
 
 
-async def serve(config: ManagerConfig, *, log: IO[str] = sys.stderr) -> int:
+Service = Callable[[Manager], AbstractAsyncContextManager[object]]
+"""Something that runs beside the manager for the daemon's lifetime (the REST API)."""
+
+
+async def serve(
+    config: ManagerConfig, *, services: Sequence[Service] = (), log: IO[str] = sys.stderr
+) -> int:
+    """Run until SIGTERM/SIGINT: re-attach, reconcile, run ``services``; then leave VMs
+    running (or stop them all with ``stopVmsOnExit``)."""
     with daemon_lock(config.state_dir):
         stop = asyncio.Event()
         loop = asyncio.get_running_loop()
@@ -71,7 +80,11 @@ async def serve(config: ManagerConfig, *, log: IO[str] = sys.stderr) -> int:
             reattached=sorted(n for n, ok in adopted.items() if ok),
         )
         try:
-            await stop.wait()
+            async with contextlib.AsyncExitStack() as stack:
+                for service in services:
+                    await stack.enter_async_context(service(manager))
+                _log(log, "DaemonReady", pid=os.getpid())
+                await stop.wait()
         finally:
             for sig in (signal.SIGTERM, signal.SIGINT):
                 loop.remove_signal_handler(sig)

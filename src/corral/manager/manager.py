@@ -38,13 +38,24 @@ from enum import StrEnum
 from pathlib import Path
 from typing import Any
 
-from corral.errors import Conflict, CorralError, FieldIssue, NotFound, PolicyError, SpecError
+from corral.errors import (
+    Conflict,
+    CorralError,
+    FieldIssue,
+    NotFound,
+    PolicyError,
+    SpecError,
+    Timeout,
+)
 from corral.host.images import ImageRecord, ImageStore
 from corral.manager.backend import Backend, EmbeddedBackend, Observed
 from corral.manager.config import ManagerConfig
 from corral.manager.store import Store, StoredEvent, VmRecord
+from corral.manager.systemd import SystemdBackend
 from corral.runner.status import VmState
+from corral.runner.supervisor import ExecResult
 from corral.spec import HostPolicy, VmDocument, check_policy, load_policy, parse_document
+from corral.spec.policy import path_within
 
 __all__ = ["Manager", "ManagerState", "json_merge_patch"]
 
@@ -103,8 +114,12 @@ class Manager:
         config.state_dir.mkdir(parents=True, exist_ok=True)
         self.store = Store(config.store)
         self.images = ImageStore(config.images)
-        self.backend: Backend = backend or EmbeddedBackend(
-            config.vms, config.run, self.policy, self._on_event, accelerator=config.accelerator
+        self.backend: Backend = backend or (
+            SystemdBackend.from_config(config, self._on_event)
+            if config.backend == "systemd"
+            else EmbeddedBackend(
+                config.vms, config.run, self.policy, self._on_event, accelerator=config.accelerator
+            )
         )
         self.state = ManagerState.NEW
         self._locks: dict[str, asyncio.Lock] = {}
@@ -335,7 +350,7 @@ class Manager:
             if record.status.get("state") in states:
                 return record
             if time.monotonic() > deadline:
-                raise CorralError(
+                raise Timeout(
                     f"VM {name!r} is {record.status.get('state')}, not {'/'.join(sorted(states))}"
                     f" after {timeout:g}s"
                 )
@@ -352,17 +367,42 @@ class Manager:
         entry = (name, queue)
         self._subscribers.add(entry)
         try:
-            last = after
+            last = 0  # the newest event already yielded: replayed ones also sit in the queue
             for event in self.events(name, after):
                 last = event.id
                 yield event
             while True:
                 event = await queue.get()
-                if event.id > last:
+                if event.id == 0:  # ephemeral (progress): never stored, never replayed
+                    yield event
+                elif event.id > last:
                     last = event.id
                     yield event
         finally:
             self._subscribers.discard(entry)
+
+    # --- the API: guest access --------------------------------------------------------------
+
+    def _running(self, name: str) -> VmRecord:
+        record = self.store.get(name)
+        state = self._observe(name).state
+        if state is not VmState.RUNNING:
+            raise Conflict(f"VM {name!r} is {state.value}, not Running")
+        return record
+
+    def console_socket(self, name: str) -> Path:
+        """The serial console socket of a running VM (for the console proxy)."""
+        self._running(name)
+        return self.backend.console_socket(name)
+
+    async def exec(
+        self, name: str, argv: list[str], *, stdin: bytes | None = None, timeout: float = 60.0
+    ) -> ExecResult:
+        """Run ``argv`` in the guest via its agent; exit code, stdout, stderr."""
+        self._running(name)
+        result = await self.backend.exec(name, argv, stdin=stdin, timeout=timeout)
+        self._record_event(name, "GuestExec", {"argv0": argv[0], "exitCode": result.exit_code})
+        return result
 
     # --- the API: images -------------------------------------------------------------------
 
@@ -385,14 +425,32 @@ class Manager:
         progress: Callable[[int, int | None], None] | None = None,
         replace: bool = False,
     ) -> ImageRecord:
+        allowed = self.policy.image_paths
+        if "://" not in source and allowed is not None and not path_within(source, allowed):
+            raise PolicyError.of(
+                [FieldIssue("source", f"{source} is outside the host's imagePaths")]
+            )
         users: list[str] = []
         if replace:
             with contextlib.suppress(NotFound):
                 users = self.image_users().get(str(self.images.path(name)), [])
-        record = await self.images.import_image(
-            name, source, checksum=checksum, progress=progress, replace=replace, users=users
-        )
-        self._publish(self.store.add_event("", "ImageImported", record.to_json()))
+
+        def report(done: int, total: int | None) -> None:
+            self._publish(
+                StoredEvent(0, "", _now_iso(), "ImageImportProgress",
+                            {"image": name, "bytes": done, "total": total})
+            )  # fmt: skip
+            if progress is not None:
+                progress(done, total)
+
+        try:
+            record = await self.images.import_image(
+                name, source, checksum=checksum, progress=report, replace=replace, users=users
+            )
+        except CorralError as exc:
+            self._record_event("", "ImageImportFailed", {"image": name, "error": str(exc)})
+            raise
+        self._record_event("", "ImageImported", record.to_json())
         return record
 
     def list_images(self) -> list[tuple[ImageRecord, list[str]]]:

@@ -45,7 +45,7 @@ from corral.host import (
     process_exe_name,
     read_pidfile,
 )
-from corral.qemu.agent import AgentError, GuestAgent
+from corral.qemu.agent import AgentError, ExecResult, GuestAgent
 from corral.qemu.fingerprint import find_emulator, find_firmware, resolve_accelerator
 from corral.qemu.monitor import Monitor, QmpEvent
 from corral.runner.changes import cdrom_media, pending_restart, read_display_secret
@@ -62,7 +62,7 @@ from corral.runner.status import (
 from corral.spec import HostPolicy, VmDocument, check_policy
 from corral.spec.models import MachineType
 
-__all__ = ["ExitInfo", "VmSupervisor"]
+__all__ = ["ExecResult", "ExitInfo", "VmSupervisor"]
 
 _QUIT_WAIT = 10.0
 _KILL_WAIT = 5.0
@@ -87,6 +87,7 @@ class _Files:
         self.pidfile = rt / "qemu.pid"
         self.qmp = rt / "qmp.sock"
         self.qga = rt / "qga.sock"
+        self.console = rt / "console.sock"
         self.console_log = rt / "console.log"
         self.stderr = rt / "qemu.log"
         self.swtpm_sock = rt / "swtpm.sock"
@@ -764,6 +765,25 @@ class VmSupervisor:
         async with self._lock:
             if self.state is VmState.RUNNING:
                 await self._apply_display_secret()
+
+    # --- guest access ----------------------------------------------------------------------
+
+    @property
+    def console_socket(self) -> Path:
+        """The serial console's unix socket (qemu serves one client at a time)."""
+        return self.files.console
+
+    async def exec(
+        self, argv: list[str], *, stdin: bytes | None = None, timeout: float = 60.0
+    ) -> ExecResult:
+        """Run a program in the guest through the guest agent and wait for it."""
+        agent = self.agent
+        if agent is None or self.state is not VmState.RUNNING:
+            raise QemuError(
+                f"VM {self.doc.name}: the guest agent is not connected "
+                f"(state {self.state.value}; is qemu-guest-agent running in the guest?)"
+            )
+        return await agent.exec(argv, stdin=stdin, timeout=timeout)
 
     # --- stop ------------------------------------------------------------------------------
 
