@@ -53,28 +53,43 @@ def info(as_json: bool, emulator: str, policy_file: str | None) -> None:
 
 
 @host.command("shutdown")
-@click.option("--state-dir", required=True, type=click.Path(file_okay=False))
+@click.option("--state-dir", default=None, type=click.Path(file_okay=False),
+              help="Act on this state dir directly (no daemon may be running).")  # fmt: skip
 @click.option("--config", "config_file", default=None, type=click.Path(dir_okay=False))
 @click.option("--timeout", type=float, default=None, help="Override every VM's powerdownTimeout.")
 @click.option("--json", "as_json", is_flag=True, help="Machine-readable output.")
-def shutdown(state_dir: str, config_file: str | None, timeout: float | None, as_json: bool) -> None:
-    """Stop every VM gracefully, in parallel; report which needed force (libvirt-guests)."""
-    import asyncio
+@click.pass_context
+def shutdown(
+    ctx: click.Context,
+    state_dir: str | None,
+    config_file: str | None,
+    timeout: float | None,
+    as_json: bool,
+) -> None:
+    """Stop every VM gracefully, in parallel; report which needed force (libvirt-guests).
 
-    from corral.cli.serve import manager_config
-    from corral.manager import ManagerConfig
-    from corral.manager.daemon import host_shutdown
+    Through the running daemon, or with --state-dir on a state dir no daemon serves.
+    Desired states are kept: the VMs start again when the daemon next starts.
+    """
+    if state_dir is not None:
+        import asyncio
 
-    cfg = manager_config(state_dir, config_file)
-    assert isinstance(cfg, ManagerConfig)
-    result = asyncio.run(host_shutdown(cfg, timeout))
+        from corral.cli.serve import manager_config
+        from corral.manager import ManagerConfig
+        from corral.manager.daemon import host_shutdown
+
+        cfg = manager_config(state_dir, config_file)
+        assert isinstance(cfg, ManagerConfig)
+        result = asyncio.run(host_shutdown(cfg, timeout))
+    else:
+        from corral.cli.vms import client
+
+        result = client(ctx).host_shutdown(timeout)
     if as_json:
         click.echo(json.dumps(result, indent=2, sort_keys=True))
         return
     forced = sorted(n for n, how in result.items() if how in ("quit", "kill"))
     for name, how in sorted(result.items()):
         click.echo(f"{name:<32} {how}")
-    click.echo(
-        f"{len(result)} VM(s) stopped, {len(forced)} needed force"
-        + (f": {', '.join(forced)}" if forced else "")
-    )
+    tail = f": {', '.join(forced)}" if forced else ""
+    click.echo(f"{len(result)} VM(s) stopped, {len(forced)} needed force{tail}")

@@ -31,13 +31,25 @@ class _Group(click.Group):
 
 @click.group(cls=_Group, context_settings={"help_option_names": ["-h", "--help"]})
 @click.option("--debug", is_flag=True, help="Show tracebacks for errors.")
+@click.option("--socket", default=None, envvar="CORRAL_SOCKET",
+              help="The daemon's unix socket (default /run/corral/corral.sock).")  # fmt: skip
+@click.option("--url", default=None, envvar="CORRAL_URL", help="The daemon's TCP URL.")
+@click.option("--token", default=None, envvar="CORRAL_TOKEN", help="Bearer token for --url.")
 @click.version_option(__version__, prog_name="corral")
-def cli(debug: bool) -> None:
-    """Run and manage QEMU virtual machines without libvirt."""
+@click.pass_context
+def cli(
+    ctx: click.Context, debug: bool, socket: str | None, url: str | None, token: str | None
+) -> None:
+    """Run and manage QEMU virtual machines without libvirt.
+
+    Shell completion: eval "$(_CORRAL_COMPLETE=bash_source corral)" (or zsh_source,
+    fish_source).
+    """
+    ctx.obj = {"socket": socket, "url": url, "token": token}
 
 
 def _register() -> None:
-    from corral.cli import host, render, run, serve
+    from corral.cli import host, images, render, run, serve, vms
 
     cli.add_command(render.render)
     cli.add_command(render.validate)
@@ -45,6 +57,9 @@ def _register() -> None:
     cli.add_command(host.host)
     cli.add_command(run.run)
     cli.add_command(serve.serve)
+    cli.add_command(serve.token)
+    cli.add_command(images.image)
+    vms.register(cli)
 
 
 _register()

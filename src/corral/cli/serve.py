@@ -1,5 +1,6 @@
-"""``corral serve``: run the manager daemon (like ``corral run`` is the runner's entry point,
-this is the one place the CLI imports the manager)."""
+"""``corral serve``: run the manager daemon with its API (like ``corral run`` is the runner's
+entry point, this is the one place the CLI imports the manager and the API server), and
+``corral token create`` for the TCP listener's bearer tokens."""
 
 from __future__ import annotations
 
@@ -12,9 +13,8 @@ import click
 _STATE_HELP = "Everything the daemon keeps (store, images, VM disks, runtime files) lives here."
 
 
-def manager_config(
-    state_dir: str, config: str | None, **overrides: object
-) -> object:  # ManagerConfig, imported lazily for a fast `corral --help`
+def manager_config(state_dir: str, config: str | None, **overrides: object) -> object:
+    """The daemon config (a ManagerConfig, imported lazily for a fast ``corral --help``)."""
     from corral.manager import load_manager_config
 
     return load_manager_config(Path(config) if config else None, stateDir=state_dir, **overrides)
@@ -50,6 +50,30 @@ def manager_config(
     default=None,
     help="Host-shutdown mode: stop every VM gracefully on SIGTERM.",
 )
+@click.option(
+    "--socket",
+    "socket_path",
+    default=None,
+    type=click.Path(dir_okay=False),
+    help="API unix socket (default $CORRAL_SOCKET or /run/corral/corral.sock).",
+)
+@click.option("--socket-group", default=None, help="Group owning the socket (mode 0660).")
+@click.option("--no-socket", is_flag=True, help="Serve no unix socket.")
+@click.option(
+    "--listen",
+    default=None,
+    metavar="HOST:PORT",
+    help="Also serve the API on TCP (bearer tokens required).",
+)
+@click.option(
+    "--tokens",
+    "tokens_file",
+    default=None,
+    type=click.Path(dir_okay=False),
+    help="Hashed bearer tokens for TCP (corral token create).",
+)
+@click.option("--tls-cert", default=None, type=click.Path(dir_okay=False))
+@click.option("--tls-key", default=None, type=click.Path(dir_okay=False))
 def serve(
     state_dir: str,
     config_file: str | None,
@@ -58,8 +82,17 @@ def serve(
     accel: str | None,
     resync: float | None,
     stop_vms_on_exit: bool | None,
+    socket_path: str | None,
+    socket_group: str | None,
+    no_socket: bool,
+    listen: str | None,
+    tokens_file: str | None,
+    tls_cert: str | None,
+    tls_key: str | None,
 ) -> None:
     """Run the manager: keep every VM in its desired state; SIGTERM leaves VMs running."""
+    from corral.api import ApiOptions, api_service
+    from corral.client import default_socket
     from corral.manager import ManagerConfig
     from corral.manager.daemon import serve as run_daemon
 
@@ -68,4 +101,29 @@ def serve(
         resyncSeconds=resync, stopVmsOnExit=stop_vms_on_exit,
     )  # fmt: skip
     assert isinstance(cfg, ManagerConfig)
-    sys.exit(asyncio.run(run_daemon(cfg)))
+    options = ApiOptions(
+        socket=None if no_socket else Path(socket_path) if socket_path else default_socket(),
+        socket_group=socket_group,
+        listen=listen,
+        tokens_file=Path(tokens_file) if tokens_file else None,
+        tls_cert=Path(tls_cert) if tls_cert else None,
+        tls_key=Path(tls_key) if tls_key else None,
+    )
+    service = api_service(options)  # checks the options before anything starts
+    sys.exit(asyncio.run(run_daemon(cfg, services=[service])))
+
+
+@click.group()
+def token() -> None:
+    """Bearer tokens for the TCP API."""
+
+
+@token.command("create")
+@click.argument("name")
+@click.option("--file", "tokens_file", required=True, type=click.Path(dir_okay=False),
+              help="The tokens file (hashes only; created 0600).")  # fmt: skip
+def token_create(name: str, tokens_file: str) -> None:
+    """Make a token NAME, store its hash, print the token (shown only this once)."""
+    from corral.api.auth import create_token
+
+    click.echo(create_token(Path(tokens_file), name))

@@ -1,0 +1,369 @@
+"""The REST API (FastAPI) over the manager's Python API.
+
+Every error is ``application/problem+json`` (RFC 9457): ``type``, ``title``, ``status``,
+``detail`` and, for validation and policy errors, ``errors: [{loc, reason}]`` with the field
+path. Bad input is a 4xx, never a 500: bodies are read as JSON and validated by corral's own
+models, so the field paths are the VM document's (``spec.vm.disks[0].file.image``).
+
+Routes (all under ``/v1`` but the probes)::
+
+    GET  /healthz /readyz
+    GET  /v1/host                       POST /v1/host/shutdown
+    GET  /v1/vms?state=&label=          POST /v1/vms
+    GET|PUT|PATCH|DELETE /v1/vms/{name} (?deleteDisks=true)
+    POST /v1/vms/{name}/start|stop|restart|reset|kill (?wait=SECONDS)
+    GET  /v1/vms/{name}/events          GET /v1/events   (SSE; ?follow=true streams)
+    WS   /v1/vms/{name}/console         POST /v1/vms/{name}/exec
+    GET|POST /v1/images                 DELETE /v1/images/{name}
+"""
+
+from __future__ import annotations
+
+import asyncio
+import json
+from collections.abc import AsyncIterator
+from typing import Annotated, Any
+
+from fastapi import Body, FastAPI, Query, Request, WebSocket
+from fastapi.exceptions import RequestValidationError
+from fastapi.responses import JSONResponse, Response, StreamingResponse
+from pydantic import BaseModel, ConfigDict, Field
+from pydantic.alias_generators import to_camel
+from starlette.exceptions import HTTPException as StarletteHTTPException
+
+from corral import __version__
+from corral.api.console import proxy_console
+from corral.errors import CorralError, FieldIssue, SpecError
+from corral.manager import Manager, ManagerState, StoredEvent, VmRecord
+
+__all__ = ["PROBLEM", "create_app", "problem_response"]
+
+PROBLEM = "application/problem+json"
+_TITLES = {
+    400: "Bad Request",
+    401: "Unauthorized",
+    404: "Not Found",
+    405: "Method Not Allowed",
+    409: "Conflict",
+    413: "Payload Too Large",
+    415: "Unsupported Media Type",
+    422: "Unprocessable Content",
+    500: "Internal Server Error",
+    502: "Bad Gateway",
+    503: "Service Unavailable",
+    504: "Gateway Timeout",
+}
+_MAX_BODY = 4 * 1024 * 1024
+VmDoc = dict[str, Any]
+Wait = Annotated[float | None, Query(gt=0, le=86400, description="seconds to wait")]
+Follow = Annotated[bool, Query(description="keep the stream open for new events")]
+After = Annotated[int, Query(ge=0, le=2**62, description="events after this id")]
+
+
+def problem_response(
+    status: int,
+    detail: str,
+    *,
+    type_: str = "about:blank",
+    issues: tuple[FieldIssue, ...] | list[FieldIssue] = (),
+    headers: dict[str, str] | None = None,
+) -> JSONResponse:
+    body: dict[str, Any] = {
+        "type": type_,
+        "title": _TITLES.get(status, "Error"),
+        "status": status,
+        "detail": detail,
+    }
+    if issues:
+        body["errors"] = [{"loc": i.loc, "reason": i.reason} for i in issues]
+    return JSONResponse(body, status_code=status, media_type=PROBLEM, headers=headers)
+
+
+class _Model(BaseModel):
+    model_config = ConfigDict(extra="forbid", alias_generator=to_camel, populate_by_name=True)
+
+
+class ExecRequest(_Model):
+    command: list[Annotated[str, Field(max_length=65536)]] = Field(min_length=1, max_length=4096)
+    stdin: str | None = Field(default=None, max_length=16 * 1024 * 1024)
+    timeout: float = Field(default=60.0, gt=0, le=3600)
+
+
+class ExecResponse(_Model):
+    exit_code: int | None
+    signal: int | None
+    stdout: str
+    stderr: str
+    truncated: bool
+
+
+class ImageImportRequest(_Model):
+    name: str = Field(min_length=1, max_length=128)
+    source: str = Field(min_length=1, max_length=8192)
+    checksum: str | None = Field(default=None, max_length=200)
+    replace: bool = False
+
+
+class VmList(BaseModel):
+    items: list[VmDoc]
+
+
+def _vm(record: VmRecord) -> VmDoc:
+    return record.to_json()
+
+
+async def _json_body(request: Request) -> object:
+    kind = request.headers.get("content-type", "application/json").split(";")[0].strip()
+    if kind not in ("application/json", "application/merge-patch+json", ""):
+        raise _ProblemError(415, f"send application/json, not {kind}")
+    raw = await request.body()
+    if len(raw) > _MAX_BODY:
+        raise _ProblemError(413, f"body larger than {_MAX_BODY} bytes")
+    try:
+        return json.loads(raw or b"null")
+    except (ValueError, UnicodeDecodeError) as exc:
+        raise _ProblemError(400, f"the body is not valid JSON: {exc}") from None
+
+
+class _ProblemError(Exception):
+    def __init__(self, status: int, detail: str) -> None:
+        super().__init__(detail)
+        self.status = status
+        self.detail = detail
+
+
+def _document(body: object, where: str = "") -> dict[str, Any]:
+    if not isinstance(body, dict):
+        raise SpecError.single(where, "the body must be a JSON object (a VM document)")
+    return body
+
+
+def _sse(event: StoredEvent) -> bytes:
+    data = json.dumps(event.to_json(), default=str)
+    head = f"id: {event.id}\n" if event.id else ""
+    return f"{head}event: {event.kind}\ndata: {data}\n\n".encode()
+
+
+def create_app(manager: Manager) -> FastAPI:
+    app = FastAPI(
+        title="corral",
+        version=__version__,
+        description="Run and manage QEMU virtual machines without libvirt.",
+    )
+
+    @app.exception_handler(CorralError)
+    async def corral_error(_: Request, exc: CorralError) -> JSONResponse:
+        return problem_response(
+            exc.status, exc.message, type_=exc.problem_type, issues=list(exc.issues)
+        )
+
+    @app.exception_handler(_ProblemError)
+    async def problem_error(_: Request, exc: _ProblemError) -> JSONResponse:
+        return problem_response(exc.status, exc.detail)
+
+    @app.exception_handler(RequestValidationError)
+    async def validation_error(_: Request, exc: RequestValidationError) -> JSONResponse:
+        issues = [
+            FieldIssue(".".join(str(p) for p in err.get("loc", ()) if p != "body"),
+                       str(err.get("msg")))
+            for err in exc.errors()
+        ]  # fmt: skip
+        return problem_response(
+            422, "invalid request", type_="urn:corral:invalid-request", issues=issues
+        )
+
+    @app.exception_handler(StarletteHTTPException)
+    async def http_error(_: Request, exc: StarletteHTTPException) -> JSONResponse:
+        headers = dict(exc.headers) if exc.headers else None
+        return problem_response(exc.status_code, str(exc.detail), headers=headers)
+
+    # --- probes and host -------------------------------------------------------------------
+
+    @app.get("/healthz", tags=["probes"])
+    async def healthz() -> dict[str, str]:
+        return {"status": "ok"}
+
+    @app.get("/readyz", tags=["probes"], responses={503: {"description": "not ready"}})
+    async def readyz() -> Response:
+        if manager.state is ManagerState.OPEN:
+            return JSONResponse({"status": "ready"})
+        return problem_response(503, f"manager is {manager.state.value}")
+
+    @app.get("/v1/host", tags=["host"])
+    async def host() -> dict[str, Any]:
+        from corral.qemu.fingerprint import host_info
+
+        facts = await asyncio.to_thread(host_info, "qemu-system-x86_64")
+        data = facts.to_dict()
+        data["backend"] = manager.backend.name
+        data["vms"] = len(manager.store.names())
+        return data
+
+    @app.post("/v1/host/shutdown", tags=["host"])
+    async def host_shutdown(timeout: Annotated[float | None, Query(gt=0)] = None) -> dict[str, str]:
+        return await manager.stop_all(timeout)
+
+    # --- VMs -------------------------------------------------------------------------------
+
+    @app.get("/v1/vms", tags=["vms"])
+    async def list_vms(
+        state: Annotated[str | None, Query(max_length=32)] = None,
+        label: Annotated[str | None, Query(max_length=317)] = None,
+    ) -> VmList:
+        return VmList(items=[_vm(r) for r in manager.list_vms(state=state, label=label)])
+
+    @app.post("/v1/vms", status_code=201, tags=["vms"])
+    async def create_vm(document: Annotated[VmDoc, Body()]) -> VmDoc:
+        return _vm(await manager.create(_document(document)))
+
+    @app.get("/v1/vms/{name}", tags=["vms"])
+    async def get_vm(name: str) -> VmDoc:
+        return _vm(manager.get(name))
+
+    @app.put("/v1/vms/{name}", tags=["vms"])
+    async def replace_vm(name: str, document: Annotated[VmDoc, Body()]) -> VmDoc:
+        doc = _document(document)
+        meta = doc.get("metadata")
+        if not isinstance(meta, dict) or meta.get("name", name) != name:
+            raise SpecError.single("metadata.name", f"must be {name!r} (the URL's name)")
+        doc = {**doc, "metadata": {**meta, "name": name}}
+        version = doc["metadata"].pop("resourceVersion", None)
+        for key in ("uid", "generation", "creationTimestamp"):
+            doc["metadata"].pop(key, None)
+        doc.pop("status", None)
+        return _vm(await manager.replace(doc, str(version) if version is not None else None))
+
+    @app.patch(
+        "/v1/vms/{name}",
+        tags=["vms"],
+        openapi_extra={
+            "requestBody": {
+                "required": True,
+                "content": {
+                    "application/merge-patch+json": {"schema": {"type": "object"}},
+                    "application/json": {"schema": {"type": "object"}},
+                },
+            }
+        },
+    )
+    async def patch_vm(name: str, request: Request) -> VmDoc:
+        """A JSON merge patch (RFC 7386); ``metadata.resourceVersion`` makes it conditional."""
+        patch = _document(await _json_body(request))
+        meta = patch.get("metadata")
+        version = None
+        if isinstance(meta, dict):
+            meta = dict(meta)
+            version = meta.pop("resourceVersion", None)
+            patch = {**patch, "metadata": meta}
+        return _vm(await manager.patch(name, patch, str(version) if version else None))
+
+    @app.delete("/v1/vms/{name}", tags=["vms"])
+    async def delete_vm(
+        name: str, delete_disks: Annotated[bool, Query(alias="deleteDisks")] = False
+    ) -> dict[str, Any]:
+        await manager.delete(name, delete_disks=delete_disks)
+        return {"name": name, "deleted": True, "disksDeleted": delete_disks}
+
+    @app.post("/v1/vms/{name}/start", tags=["lifecycle"])
+    async def start_vm(name: str, wait: Wait = None) -> VmDoc:
+        await manager.start(name, wait=wait)
+        return _vm(manager.get(name))
+
+    @app.post("/v1/vms/{name}/stop", tags=["lifecycle"])
+    async def stop_vm(name: str, wait: Wait = None) -> VmDoc:
+        await manager.stop(name, wait=wait)
+        return _vm(manager.get(name))
+
+    @app.post("/v1/vms/{name}/restart", tags=["lifecycle"])
+    async def restart_vm(name: str, wait: Wait = None) -> VmDoc:
+        await manager.restart(name, wait=wait)
+        return _vm(manager.get(name))
+
+    @app.post("/v1/vms/{name}/reset", tags=["lifecycle"])
+    async def reset_vm(name: str) -> VmDoc:
+        await manager.reset(name)
+        return _vm(manager.get(name))
+
+    @app.post("/v1/vms/{name}/kill", tags=["lifecycle"])
+    async def kill_vm(name: str) -> VmDoc:
+        await manager.kill(name)
+        return _vm(manager.get(name))
+
+    @app.post("/v1/vms/{name}/exec", tags=["guest"])
+    async def exec_vm(name: str, body: ExecRequest) -> ExecResponse:
+        result = await manager.exec(
+            name,
+            body.command,
+            stdin=body.stdin.encode() if body.stdin is not None else None,
+            timeout=body.timeout,
+        )
+        return ExecResponse(
+            exit_code=result.exit_code,
+            signal=result.signal,
+            stdout=result.stdout.decode(errors="replace"),
+            stderr=result.stderr.decode(errors="replace"),
+            truncated=result.truncated,
+        )
+
+    @app.websocket("/v1/vms/{name}/console")
+    async def console(websocket: WebSocket, name: str) -> None:
+        try:
+            path = manager.console_socket(name)
+        except CorralError as exc:
+            await websocket.close(code=4404 if exc.status == 404 else 4409, reason=exc.message)
+            return
+        await proxy_console(websocket, path)
+
+    # --- events ----------------------------------------------------------------------------
+
+    def _stream(name: str | None, after: int, follow: bool) -> StreamingResponse:
+        async def body() -> AsyncIterator[bytes]:
+            if not follow:
+                for event in manager.events(name, after):
+                    yield _sse(event)
+                return
+            yield b": streaming\n\n"
+            async for event in manager.follow(name, after):
+                yield _sse(event)
+
+        if name is not None:
+            manager.get(name)  # 404 before the stream starts
+        return StreamingResponse(
+            body(), media_type="text/event-stream", headers={"Cache-Control": "no-cache"}
+        )
+
+    @app.get("/v1/vms/{name}/events", tags=["events"], response_class=StreamingResponse)
+    async def vm_events(
+        name: str, request: Request, follow: Follow = False, after: After = 0
+    ) -> StreamingResponse:
+        last = request.headers.get("last-event-id", "")
+        return _stream(name, int(last) if last.isdigit() else after, follow)
+
+    @app.get("/v1/events", tags=["events"], response_class=StreamingResponse)
+    async def all_events(request: Request, follow: Follow = False, after: After = 0) -> Any:
+        last = request.headers.get("last-event-id", "")
+        return _stream(None, int(last) if last.isdigit() else after, follow)
+
+    # --- images ----------------------------------------------------------------------------
+
+    @app.get("/v1/images", tags=["images"])
+    async def list_images() -> dict[str, list[dict[str, Any]]]:
+        return {
+            "items": [{**img.to_json(), "users": users} for img, users in manager.list_images()]
+        }
+
+    @app.post("/v1/images", status_code=201, tags=["images"])
+    async def import_image(body: ImageImportRequest) -> dict[str, Any]:
+        """Import (download or copy) and verify an image; progress is published as
+        ``ImageImportProgress`` events on ``/v1/events?follow=true``."""
+        record = await manager.import_image(
+            body.name, body.source, checksum=body.checksum, replace=body.replace
+        )
+        return record.to_json()
+
+    @app.delete("/v1/images/{name}", tags=["images"])
+    async def delete_image(name: str) -> dict[str, Any]:
+        await manager.delete_image(name)
+        return {"name": name, "deleted": True}
+
+    return app

@@ -1,0 +1,192 @@
+"""Serving the API inside ``corral serve``: a unix socket (default) and optionally TCP.
+
+* Unix socket: created by us (bind, chmod 0660, chown to the configured group, listen) so it
+  is never reachable with looser permissions, not even for a moment. No token: the socket's
+  mode and group are the access control, as for docker.sock or libvirt's socket.
+* TCP: every request carries ``Authorization: Bearer TOKEN`` (the websocket console may use
+  ``?access_token=`` since browsers cannot set headers on a websocket); a missing or wrong
+  token is 401 before any handler runs. Only ``/healthz`` and ``/readyz`` are open (they say
+  nothing but "up"). TLS with ``--tls-cert``/``--tls-key``.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import grp
+import json
+import os
+import socket
+from collections.abc import AsyncIterator, Callable, Iterator
+from contextlib import AbstractAsyncContextManager
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+from urllib.parse import parse_qs
+
+import uvicorn
+from starlette.types import ASGIApp, Receive, Scope, Send
+
+from corral.api.app import PROBLEM, create_app
+from corral.api.auth import TokenFile
+from corral.errors import HostError, SpecError
+from corral.manager import Manager
+
+__all__ = ["DEFAULT_SOCKET", "ApiOptions", "BearerAuth", "api_service"]
+
+DEFAULT_SOCKET = Path("/run/corral/corral.sock")
+_OPEN_PATHS = ("/healthz", "/readyz")
+
+
+class _Server(uvicorn.Server):
+    """uvicorn without its own signal handling: the daemon owns SIGTERM/SIGINT (they mean
+    'stop the daemon, leave the VMs'), and stops the servers itself."""
+
+    @contextlib.contextmanager
+    def capture_signals(self) -> Iterator[None]:
+        yield
+
+
+@dataclass(frozen=True)
+class ApiOptions:
+    socket: Path | None = DEFAULT_SOCKET
+    socket_group: str | None = None
+    listen: str | None = None  # HOST:PORT
+    tokens_file: Path | None = None
+    tls_cert: Path | None = None
+    tls_key: Path | None = None
+
+    def tcp_address(self) -> tuple[str, int] | None:
+        if self.listen is None:
+            return None
+        host, sep, port = self.listen.rpartition(":")
+        if not sep or not port.isdigit() or not 0 < int(port) < 65536:
+            raise SpecError.single("listen", f"{self.listen!r} is not HOST:PORT")
+        return host.strip("[]") or "127.0.0.1", int(port)
+
+
+class BearerAuth:
+    """ASGI middleware: refuse any request without a valid bearer token (401, problem+json)."""
+
+    def __init__(self, app: ASGIApp, tokens: TokenFile) -> None:
+        self.app = app
+        self.tokens = tokens
+
+    def _token(self, scope: Scope) -> str | None:
+        for key, value in scope.get("headers", []):
+            if key == b"authorization":
+                kind, _, token = bytes(value).decode(errors="replace").partition(" ")
+                if kind.lower() == "bearer" and token:
+                    return token.strip()
+        if scope["type"] == "websocket":
+            query = parse_qs(bytes(scope.get("query_string", b"")).decode(errors="replace"))
+            values = query.get("access_token")
+            if values:
+                return str(values[0])
+        return None
+
+    async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
+        if scope["type"] not in ("http", "websocket") or scope.get("path") in _OPEN_PATHS:
+            await self.app(scope, receive, send)
+            return
+        token = self._token(scope)
+        if token is not None and self.tokens.check(token) is not None:
+            await self.app(scope, receive, send)
+            return
+        if scope["type"] == "websocket":
+            await send({"type": "websocket.close", "code": 4401, "reason": "unauthorized"})
+            return
+        detail = "a bearer token is required" if token is None else "the token is not valid"
+        body = json.dumps(
+            {"type": "urn:corral:unauthorized", "title": "Unauthorized", "status": 401,
+             "detail": detail}
+        ).encode()  # fmt: skip
+        await send(
+            {
+                "type": "http.response.start",
+                "status": 401,
+                "headers": [
+                    (b"content-type", PROBLEM.encode()),
+                    (b"content-length", str(len(body)).encode()),
+                    (b"www-authenticate", b'Bearer realm="corral"'),
+                ],
+            }
+        )
+        await send({"type": "http.response.body", "body": body})
+
+
+def _unix_listener(path: Path, group: str | None) -> socket.socket:
+    path.parent.mkdir(parents=True, exist_ok=True)
+    with contextlib.suppress(FileNotFoundError):
+        if path.is_socket():
+            path.unlink()  # a stale socket: the daemon lock says no one else serves it
+    sock = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
+    old = os.umask(0o177)
+    try:
+        sock.bind(str(path))
+    except OSError as exc:
+        sock.close()
+        raise HostError(f"cannot bind the API socket {path}: {exc}") from exc
+    finally:
+        os.umask(old)
+    if group is not None:
+        try:
+            os.chown(path, -1, grp.getgrnam(group).gr_gid)
+        except (KeyError, OSError) as exc:
+            sock.close()
+            raise HostError(f"cannot give the API socket to group {group!r}: {exc}") from exc
+    os.chmod(path, 0o660)
+    sock.listen(128)
+    return sock
+
+
+def _server(app: ASGIApp, **config: Any) -> _Server:
+    cfg = uvicorn.Config(
+        app, log_level="warning", access_log=False, lifespan="off", ws="websockets-sansio", **config
+    )
+    return _Server(cfg)
+
+
+def api_service(options: ApiOptions) -> Callable[[Manager], AbstractAsyncContextManager[object]]:
+    """A daemon service (see :func:`corral.manager.daemon.serve`) serving the API."""
+    tcp = options.tcp_address()
+    tokens = TokenFile.load(options.tokens_file) if options.tokens_file else None
+    if tcp is not None and tokens is None:
+        raise SpecError.single("tokensFile", "a TCP listener needs a tokens file (--tokens)")
+    if (options.tls_cert is None) != (options.tls_key is None):
+        raise SpecError.single("tls", "give both --tls-cert and --tls-key")
+
+    @contextlib.asynccontextmanager
+    async def run(manager: Manager) -> AsyncIterator[object]:
+        app = create_app(manager)
+        servers: list[tuple[_Server, list[socket.socket] | None]] = []
+        if options.socket is not None:
+            sock = _unix_listener(options.socket, options.socket_group)
+            servers.append((_server(app), [sock]))
+        if tcp is not None:
+            assert tokens is not None
+            tls: dict[str, Any] = {}
+            if options.tls_cert is not None:
+                tls = {"ssl_certfile": str(options.tls_cert), "ssl_keyfile": str(options.tls_key)}
+            servers.append((_server(BearerAuth(app, tokens), host=tcp[0], port=tcp[1], **tls),
+                            None))  # fmt: skip
+        tasks = [asyncio.ensure_future(s.serve(sockets=socks)) for s, socks in servers]
+        try:
+            for server, _ in servers:
+                while not server.started:
+                    if any(t.done() for t in tasks):
+                        for t in tasks:
+                            if t.done() and t.exception() is not None:
+                                raise HostError(f"the API server failed: {t.exception()}")
+                        raise HostError("the API server stopped while starting")
+                    await asyncio.sleep(0.01)
+            yield app
+        finally:
+            for server, _ in servers:
+                server.should_exit = True
+            await asyncio.gather(*tasks, return_exceptions=True)
+            if options.socket is not None:
+                with contextlib.suppress(OSError):
+                    options.socket.unlink()
+
+    return run

@@ -1,0 +1,108 @@
+"""``corral image import|list|delete``: the daemon's base-image store."""
+
+from __future__ import annotations
+
+import threading
+from typing import Any
+
+import click
+
+from corral.cli.output import OUTPUT, emit, format_bytes, table
+from corral.cli.vms import client
+
+__all__ = ["image"]
+
+
+@click.group()
+def image() -> None:
+    """Base images that VM disks overlay (each VM writes only its own qcow2 overlay)."""
+
+
+@image.command("import")
+@click.argument("name")
+@click.argument("source")
+@click.option("--checksum", default=None, help="sha256:HEX, sha512:HEX or md5:HEX.")
+@click.option("--replace", is_flag=True, help="Replace an image of that name (if unused).")
+@click.option("--no-progress", is_flag=True)
+@click.pass_context
+def import_(
+    ctx: click.Context, name: str, source: str, checksum: str | None, replace: bool,
+    no_progress: bool,
+) -> None:  # fmt: skip
+    """Import SOURCE (a path on the daemon's host, or an http(s) URL) as image NAME.
+
+    A failed download or a checksum mismatch leaves nothing behind.
+    """
+    c = client(ctx)
+    result: dict[str, Any] = {}
+    failure: list[BaseException] = []
+
+    def run() -> None:
+        try:
+            result.update(c.import_image(name, source, checksum=checksum, replace=replace))
+        except BaseException as exc:  # handed to the main thread
+            failure.append(exc)
+
+    worker = threading.Thread(target=run, daemon=True)
+    if no_progress:
+        run()
+    else:
+        _with_progress(ctx, name, worker)
+    if failure:
+        raise failure[0]
+    click.echo(f"image/{name} imported: {result['format']}, "
+               f"{format_bytes(result['virtualSize'])}, sha256:{result['sha256']}")  # fmt: skip
+
+
+def _with_progress(ctx: click.Context, name: str, worker: threading.Thread) -> None:
+    """Follow the daemon's ImageImportProgress events while the import request runs."""
+    from rich.progress import BarColumn, DownloadColumn, Progress, TransferSpeedColumn
+
+    from corral.client import Client
+
+    root = ctx.find_root().obj or {}
+    watcher = Client(socket=root.get("socket"), url=root.get("url"), token=root.get("token"))
+    with Progress("[progress.description]{task.description}", BarColumn(), DownloadColumn(),
+                  TransferSpeedColumn(), transient=True) as progress:  # fmt: skip
+        task = progress.add_task(f"import {name}", total=None)
+
+        def follow() -> None:
+            try:
+                for event in watcher.events(None, follow=True, after=2**62):
+                    if event.get("event") == "ImageImportProgress" and event.get("image") == name:
+                        progress.update(task, completed=event.get("bytes"),
+                                        total=event.get("total"))  # fmt: skip
+            except Exception:  # the progress bar is a nicety; the import's result counts
+                return
+
+        threading.Thread(target=follow, daemon=True).start()
+        worker.start()
+        worker.join()
+    watcher.close()
+
+
+@image.command("list")
+@OUTPUT
+@click.pass_context
+def list_(ctx: click.Context, output: str) -> None:
+    """Images with their format, sizes and the VMs that overlay them."""
+    images = client(ctx).list_images()
+    if output != "table":
+        emit({"items": images}, output)
+        return
+    table(
+        ["NAME", "FORMAT", "VIRTUAL", "ON DISK", "USED BY", "SOURCE"],
+        [[i["name"], i["format"], format_bytes(i["virtualSize"]), format_bytes(i["actualSize"]),
+          ", ".join(i.get("users") or []) or "-", i.get("source")] for i in images],
+    )  # fmt: skip
+
+
+@image.command("delete")
+@click.argument("names", nargs=-1, required=True)
+@click.pass_context
+def delete(ctx: click.Context, names: tuple[str, ...]) -> None:
+    """Delete images (refused while a VM overlays them)."""
+    c = client(ctx)
+    for name in names:
+        c.delete_image(name)
+        click.echo(f"image/{name} deleted")

@@ -1,0 +1,345 @@
+"""The client commands for VMs: ``apply``, ``create``, ``list``, ``show``, lifecycle verbs,
+``delete``, ``set``, ``cd``, ``console``, ``exec``, ``ip``, ``events``; plus aetherscale's
+command names as aliases. Each talks to the daemon through :class:`corral.client.Client`."""
+
+from __future__ import annotations
+
+import sys
+from pathlib import Path
+from typing import TYPE_CHECKING, Any
+
+import click
+
+from corral.cli.output import OUTPUT, emit, table, vm_row
+
+if TYPE_CHECKING:
+    from corral.client import Client
+
+__all__ = ["register"]
+
+_WAIT = click.option("--wait", is_flag=True, help="Wait until the VM reaches the state.")
+_TIMEOUT = click.option("--timeout", type=float, default=300.0, show_default=True,
+                        help="Seconds --wait waits.")  # fmt: skip
+
+
+def client(ctx: click.Context) -> Client:
+    from corral.client import Client
+
+    obj = ctx.find_root().obj or {}
+    found = obj.get("client")
+    if found is None:
+        found = Client(socket=obj.get("socket"), url=obj.get("url"), token=obj.get("token"))
+        ctx.find_root().obj = {**obj, "client": found}
+        ctx.find_root().call_on_close(found.close)
+    return found
+
+
+def _documents(files: tuple[str, ...]) -> list[dict[str, Any]]:
+    import yaml
+
+    from corral.errors import SpecError
+
+    docs: list[dict[str, Any]] = []
+    for name in files:
+        try:
+            text = sys.stdin.read() if name == "-" else Path(name).read_text(encoding="utf-8")
+            loaded = [d for d in yaml.safe_load_all(text) if d is not None]
+        except (OSError, yaml.YAMLError) as exc:
+            raise SpecError(f"cannot read {name}: {exc}") from exc
+        for i, doc in enumerate(loaded):
+            if not isinstance(doc, dict):
+                raise SpecError.single(f"{name}[{i}]", "a VM document must be a mapping")
+            docs.append(doc)
+    return docs
+
+
+@click.command()
+@click.option("-f", "--file", "files", multiple=True, required=True,
+              help="VM document(s), YAML; '-' for stdin; several documents per file.")  # fmt: skip
+@click.pass_context
+def apply(ctx: click.Context, files: tuple[str, ...]) -> None:
+    """Create or update VMs from their documents (declarative, like kubectl apply)."""
+    c = client(ctx)
+    for doc in _documents(files):
+        verb, vm = c.apply_vm(doc)
+        click.echo(f"vm/{vm['metadata']['name']} {verb}")
+
+
+@click.command()
+@click.option("-f", "--file", "files", multiple=True, required=True, help="VM document(s).")
+@click.pass_context
+def create(ctx: click.Context, files: tuple[str, ...]) -> None:
+    """Create VMs (an existing name is an error)."""
+    c = client(ctx)
+    for doc in _documents(files):
+        vm = c.create_vm(doc)
+        click.echo(f"vm/{vm['metadata']['name']} created")
+
+
+@click.command("list")
+@click.option("--state", default=None, help="Only VMs in this state (Running, Stopped, ...).")
+@click.option("-l", "--selector", "label", default=None, help="Label selector key=value.")
+@OUTPUT
+@click.pass_context
+def list_(ctx: click.Context, state: str | None, label: str | None, output: str) -> None:
+    """List VMs: state, CPUs, RAM, IPs, uptime."""
+    vms = client(ctx).list_vms(state=state, label=label)
+    if output != "table":
+        emit({"items": vms}, output)
+        return
+    table(["NAME", "STATE", "CPUS", "RAM", "IPS", "UPTIME"], [vm_row(v) for v in vms])
+
+
+@click.command()
+@click.argument("name")
+@OUTPUT
+@click.pass_context
+def show(ctx: click.Context, name: str, output: str) -> None:
+    """One VM: its document and status (-o json|yaml for the whole document)."""
+    vm = client(ctx).get_vm(name)
+    if output != "table":
+        emit(vm, output)
+        return
+    status = vm.get("status") or {}
+    row = vm_row(vm)
+    conditions = status.get("conditions") or {}
+    lines = [
+        ("Name", row[0]), ("State", row[1]), ("CPUs", row[2]), ("RAM", row[3]),
+        ("IPs", row[4]), ("Uptime", row[5]), ("qemu pid", status.get("pid") or "-"),
+        ("Accelerator", status.get("accelerator") or "-"),
+        ("Conditions", ", ".join(f"{k}={v.get('status')}" for k, v in conditions.items()) or "-"),
+        ("CD media", ", ".join(f"{k}={v or '(empty)'}" for k, v in
+                               (status.get("cdrom") or {}).items()) or "-"),
+        ("Pending restart", ", ".join(status.get("pendingRestart") or []) or "-"),
+        ("Generation", f"{vm['metadata'].get('generation')} (observed "
+                       f"{status.get('observedGeneration')})"),
+        ("Last error", status.get("lastError") or status.get("configError") or "-"),
+    ]  # fmt: skip
+    for key, value in lines:
+        click.echo(f"{key + ':':<17}{value}")
+
+
+def _lifecycle(verb: str, target: str | None, doc: str) -> click.Command:
+    @click.command(verb, help=doc)
+    @click.argument("names", nargs=-1, required=True)
+    @_WAIT
+    @_TIMEOUT
+    @click.pass_context
+    def command(ctx: click.Context, names: tuple[str, ...], wait: bool, timeout: float) -> None:
+        c = client(ctx)
+        for name in names:
+            c.action(name, verb, wait=timeout if wait and target else None)
+            click.echo(f"vm/{name} {verb}" + (f" ({target})" if wait and target else ""))
+
+    return command
+
+
+start = _lifecycle("start", "Running", "Start VMs (desired state Running).")
+stop = _lifecycle("stop", "Stopped", "Stop VMs gracefully: ACPI powerdown, timeout, quit, kill.")
+restart = _lifecycle("restart", "Running", "Stop gracefully and start again.")
+reset = _lifecycle("reset", None, "Hard-reset VMs (the guest reboots at once).")
+kill = _lifecycle("kill", None, "Kill qemu now (SIGKILL); the VM stays Stopped.")
+
+
+@click.command()
+@click.argument("names", nargs=-1, required=True)
+@click.option("--delete-disks", is_flag=True, help="Also delete the VM's disks (overlays).")
+@click.pass_context
+def delete(ctx: click.Context, names: tuple[str, ...], delete_disks: bool) -> None:
+    """Stop and delete VMs. Their disks are kept unless --delete-disks."""
+    c = client(ctx)
+    for name in names:
+        c.delete_vm(name, delete_disks=delete_disks)
+        click.echo(f"vm/{name} deleted" + (" with its disks" if delete_disks else ""))
+
+
+@click.command("set")
+@click.argument("name")
+@click.option("--cpus", type=click.IntRange(1, 1024), default=None, help="currentCpus (live).")
+@click.option("--ram", default=None, help="currentRam, e.g. 2Gi (live, balloon).")
+@click.option("--powerdown-timeout", type=click.IntRange(0, 86400), default=None)
+@click.pass_context
+def set_(
+    ctx: click.Context, name: str, cpus: int | None, ram: str | None, powerdown_timeout: int | None
+) -> None:
+    """Change a VM's CPUs / RAM in place (declaratively: the spec changes, the runner applies)."""
+    vm_patch: dict[str, Any] = {}
+    if cpus is not None:
+        vm_patch["currentCpus"] = cpus
+    if ram is not None:
+        vm_patch["currentRam"] = ram
+    if powerdown_timeout is not None:
+        vm_patch["powerdownTimeout"] = powerdown_timeout
+    if not vm_patch:
+        raise click.UsageError("nothing to set: give --cpus, --ram or --powerdown-timeout")
+    vm = client(ctx).patch_vm(name, {"spec": {"vm": vm_patch}})
+    click.echo(f"vm/{name} patched (generation {vm['metadata']['generation']})")
+
+
+@click.group()
+def cd() -> None:
+    """Insert or eject CD media (live)."""
+
+
+def _set_media(ctx: click.Context, name: str, image: str, drive: str | None) -> str:
+    c = client(ctx)
+    vm = c.get_vm(name)
+    disks = vm["spec"]["vm"].get("disks") or []
+    cdroms = [(i, d) for i, d in enumerate(disks) if "cdrom" in d]
+    if drive is not None:
+        cdroms = [(i, d) for i, d in cdroms if (d.get("name") or f"disk{i}") == drive]
+    if not cdroms:
+        from corral.errors import NotFound
+
+        raise NotFound(f"VM {name!r} has no CD drive" + (f" {drive!r}" if drive else ""))
+    index, disk = cdroms[0]
+    disk["cdrom"] = {**disk["cdrom"], "image": image}
+    meta = vm["metadata"]
+    doc = {"metadata": {k: meta[k] for k in ("name", "labels", "annotations", "resourceVersion")
+                        if k in meta}, "spec": vm["spec"]}  # fmt: skip
+    c.replace_vm(name, doc)
+    return str(disk.get("name") or f"disk{index}")
+
+
+@cd.command("insert")
+@click.argument("name")
+@click.argument("image")
+@click.option("--drive", default=None, help="The CD drive's disk name (default: the first).")
+@click.pass_context
+def cd_insert(ctx: click.Context, name: str, image: str, drive: str | None) -> None:
+    """Put IMAGE (a path on the host) into the VM's CD drive."""
+    path = str(Path(image).resolve()) if not image.startswith("/") else image
+    used = _set_media(ctx, name, path, drive)
+    click.echo(f"vm/{name} {used}: {path}")
+
+
+@cd.command("eject")
+@click.argument("name")
+@click.option("--drive", default=None)
+@click.pass_context
+def cd_eject(ctx: click.Context, name: str, drive: str | None) -> None:
+    """Eject the VM's CD media."""
+    used = _set_media(ctx, name, "", drive)
+    click.echo(f"vm/{name} {used}: ejected")
+
+
+@click.command("exec", context_settings={"ignore_unknown_options": True})
+@click.argument("name")
+@click.argument("command", nargs=-1, required=True, type=click.UNPROCESSED)
+@click.option("--timeout", type=float, default=60.0, show_default=True)
+@click.option("-i", "--stdin", "send_stdin", is_flag=True, help="Send this process's stdin.")
+@click.pass_context
+def exec_(
+    ctx: click.Context, name: str, command: tuple[str, ...], timeout: float, send_stdin: bool
+) -> None:
+    """Run a command in the guest (guest agent); exits with the command's exit code.
+
+    corral exec web1 -- uname -a
+    """
+    data = sys.stdin.read() if send_stdin else None
+    result = client(ctx).exec(name, list(command), stdin=data, timeout=timeout)
+    sys.stdout.write(result["stdout"])
+    sys.stderr.write(result["stderr"])
+    code = result.get("exitCode")
+    ctx.exit(int(code) if isinstance(code, int) else 1)
+
+
+@click.command()
+@click.argument("name")
+@click.pass_context
+def ip(ctx: click.Context, name: str) -> None:
+    """The guest's IP addresses (from the guest agent)."""
+    for address in (client(ctx).get_vm(name).get("status") or {}).get("ips") or []:
+        click.echo(address)
+
+
+@click.command()
+@click.argument("name", required=False)
+@click.option("-f", "--follow", is_flag=True, help="Keep printing new events.")
+@OUTPUT
+@click.pass_context
+def events(ctx: click.Context, name: str | None, follow: bool, output: str) -> None:
+    """Events of one VM, or of all VMs and images."""
+    import json
+
+    for event in client(ctx).events(name, follow=follow):
+        if output == "table":
+            extra = {k: v for k, v in event.items() if k not in ("id", "vm", "time", "event",
+                                                                "ts", "t")}  # fmt: skip
+            detail = " ".join(f"{k}={json.dumps(v, default=str)}" for k, v in extra.items())
+            click.echo(f"{event.get('time', '')}  {event.get('vm') or '-':<16} "
+                       f"{event.get('event', ''):<20} {detail}")  # fmt: skip
+        else:
+            click.echo(json.dumps(event, default=str))
+
+
+@click.command()
+@click.argument("name")
+@click.pass_context
+def console(ctx: click.Context, name: str) -> None:
+    """Attach to the VM's serial console; Ctrl-] leaves."""
+    from corral.cli.terminal import attach_console
+
+    attach_console(client(ctx), name)
+
+
+# --- aetherscale's command names ---------------------------------------------------------
+
+
+@click.command("create-vm")
+@click.option("--image", required=True, help="A base image in the image store.")
+@click.option("--name", default=None, help="VM name (default: vm-<random>).")
+@click.option("--cpus", type=click.IntRange(1, 1024), default=1, show_default=True)
+@click.option("--ram", default="1Gi", show_default=True)
+@click.option("--no-start", is_flag=True)
+@click.pass_context
+def create_vm(ctx: click.Context, image: str, name: str | None, cpus: int, ram: str,
+              no_start: bool) -> None:  # fmt: skip
+    """aetherscale: create a VM from a base image (its own overlay) and start it."""
+    import secrets
+
+    vm_name = name or f"vm-{secrets.token_hex(3)}"
+    doc = {
+        "metadata": {"name": vm_name},
+        "spec": {"vm": {
+            "state": "Stopped" if no_start else "Running",
+            "maximumCpus": cpus, "currentCpus": cpus, "maximumRam": ram, "firmware": "bios",
+            "disks": [{"name": "root", "file": {"image": image}, "bootindex": 0}],
+            "networks": [{"user": {}}],
+        }},
+    }  # fmt: skip
+    client(ctx).create_vm(doc)
+    click.echo(vm_name)
+
+
+def _alias(verb: str, doc: str) -> click.Command:
+    @click.command(f"{verb}-vm", help=doc)
+    @click.option("--vm-id", required=True)
+    @click.option("--kill", "hard", is_flag=True, help="stop-vm: kill instead of powerdown.")
+    @click.pass_context
+    def command(ctx: click.Context, vm_id: str, hard: bool) -> None:
+        c = client(ctx)
+        if verb == "delete":
+            c.delete_vm(vm_id)
+        else:
+            c.action(vm_id, "kill" if verb == "stop" and hard else verb)
+        click.echo(f"vm/{vm_id} {verb}")
+
+    return command
+
+
+@click.command("list-vms")
+@click.pass_context
+def list_vms(ctx: click.Context) -> None:
+    """aetherscale: list VMs (name and state)."""
+    for vm in client(ctx).list_vms():
+        click.echo(f"{vm['metadata']['name']}\t{(vm.get('status') or {}).get('state')}")
+
+
+def register(cli: click.Group) -> None:
+    for command in (apply, create, list_, show, start, stop, restart, reset, kill, delete, set_,
+                    cd, exec_, ip, events, console, create_vm, list_vms,
+                    _alias("start", "aetherscale: start a VM."),
+                    _alias("stop", "aetherscale: stop a VM (--kill: at once)."),
+                    _alias("delete", "aetherscale: delete a VM.")):  # fmt: skip
+        cli.add_command(command)

@@ -1,0 +1,255 @@
+"""A typed client of corral's REST API (httpx), used by the CLI and usable from scripts.
+
+Finds the daemon by an explicit ``socket``, else ``url`` (+ ``token``, for TCP), else
+``$CORRAL_SOCKET``, else ``$CORRAL_URL`` (+ ``$CORRAL_TOKEN``), else the default socket.
+Problem+json errors come back as the same :mod:`corral.errors` classes the daemon raised,
+with their field paths, so a script handles a remote refusal like a local one.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+from collections.abc import Iterator
+from pathlib import Path
+from typing import Any, cast
+
+import httpx
+
+from corral.errors import (
+    Conflict,
+    CorralError,
+    FieldIssue,
+    HostError,
+    NotFound,
+    PolicyError,
+    QemuError,
+    SpecError,
+    Timeout,
+    Unauthorized,
+)
+
+__all__ = ["Client", "default_socket"]
+
+_BY_TYPE: dict[str, type[CorralError]] = {
+    cls.problem_type: cls
+    for cls in (
+        SpecError,
+        PolicyError,
+        NotFound,
+        Conflict,
+        HostError,
+        QemuError,
+        Unauthorized,
+        Timeout,
+    )
+}
+_BY_STATUS: dict[int, type[CorralError]] = {
+    401: Unauthorized, 404: NotFound, 409: Conflict, 422: SpecError, 504: Timeout,
+}  # fmt: skip
+
+
+def default_socket() -> Path:
+    """``$CORRAL_SOCKET``, else /run/corral/corral.sock for root, else
+    ``$XDG_RUNTIME_DIR/corral/corral.sock``."""
+    env = os.environ.get("CORRAL_SOCKET")
+    if env:
+        return Path(env)
+    runtime = os.environ.get("XDG_RUNTIME_DIR")
+    if os.geteuid() != 0 and runtime:
+        return Path(runtime) / "corral" / "corral.sock"
+    return Path("/run/corral/corral.sock")
+
+
+def _error(response: httpx.Response) -> CorralError:
+    try:
+        body = response.json()
+    except ValueError:
+        body = {}
+    if not isinstance(body, dict):
+        body = {}
+    detail = str(body.get("detail") or response.text or response.reason_phrase)
+    issues = [
+        FieldIssue(str(e.get("loc", "")), str(e.get("reason", "")))
+        for e in body.get("errors") or []
+        if isinstance(e, dict)
+    ]
+    cls = _BY_TYPE.get(str(body.get("type"))) or _BY_STATUS.get(response.status_code, CorralError)
+    return cls(detail, issues)
+
+
+class Client:
+    def __init__(
+        self,
+        *,
+        socket: Path | str | None = None,
+        url: str | None = None,
+        token: str | None = None,
+        timeout: float = 30.0,
+        verify: bool | str = True,
+    ) -> None:
+        if socket is None and url is None:
+            if os.environ.get("CORRAL_SOCKET"):
+                socket = os.environ["CORRAL_SOCKET"]
+            elif os.environ.get("CORRAL_URL"):
+                url = os.environ["CORRAL_URL"]
+            else:
+                socket = default_socket()
+        if token is None:
+            token = os.environ.get("CORRAL_TOKEN") or None
+        headers = {"Authorization": f"Bearer {token}"} if token else {}
+        self.socket = Path(socket) if socket is not None else None
+        self.token = token
+        if self.socket is not None:
+            self.base_url = "http://corral"
+            transport = httpx.HTTPTransport(uds=str(self.socket))
+            self.where = f"unix socket {self.socket}"
+        else:
+            assert url is not None
+            self.base_url = url.rstrip("/")
+            transport = httpx.HTTPTransport(verify=verify)
+            self.where = self.base_url
+        self._http = httpx.Client(
+            base_url=self.base_url, transport=transport, headers=headers, timeout=timeout
+        )
+
+    def close(self) -> None:
+        self._http.close()
+
+    def __enter__(self) -> Client:
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self.close()
+
+    def _unreachable(self, exc: Exception) -> HostError:
+        return HostError(
+            f"cannot reach the corral daemon at {self.where} ({exc}); "
+            "is `corral serve` running? (--socket / --url / CORRAL_SOCKET)"
+        )
+
+    def request(
+        self,
+        method: str,
+        path: str,
+        *,
+        json_body: object = None,
+        params: dict[str, Any] | None = None,
+        content_type: str = "application/json",
+        timeout: float | None = None,
+    ) -> Any:
+        content = None if json_body is None else json.dumps(json_body).encode()
+        headers = {"Content-Type": content_type} if content is not None else {}
+        clean = {k: v for k, v in (params or {}).items() if v is not None}
+        try:
+            response = self._http.request(
+                method, path, content=content, headers=headers, params=clean,
+                timeout=timeout if timeout is not None else httpx.USE_CLIENT_DEFAULT,
+            )  # fmt: skip
+        except httpx.TransportError as exc:
+            raise self._unreachable(exc) from exc
+        if response.status_code >= 400:
+            raise _error(response)
+        return response.json() if response.content else None
+
+    # --- VMs -------------------------------------------------------------------------------
+
+    def list_vms(
+        self, *, state: str | None = None, label: str | None = None
+    ) -> list[dict[str, Any]]:
+        data = self.request("GET", "/v1/vms", params={"state": state, "label": label})
+        return cast(list[dict[str, Any]], data["items"])
+
+    def get_vm(self, name: str) -> dict[str, Any]:
+        return cast(dict[str, Any], self.request("GET", f"/v1/vms/{name}"))
+
+    def create_vm(self, document: dict[str, Any]) -> dict[str, Any]:
+        return cast(dict[str, Any], self.request("POST", "/v1/vms", json_body=document))
+
+    def replace_vm(self, name: str, document: dict[str, Any]) -> dict[str, Any]:
+        return cast(dict[str, Any], self.request("PUT", f"/v1/vms/{name}", json_body=document))
+
+    def patch_vm(self, name: str, patch: dict[str, Any]) -> dict[str, Any]:
+        return cast(
+            dict[str, Any],
+            self.request("PATCH", f"/v1/vms/{name}", json_body=patch,
+                         content_type="application/merge-patch+json"),
+        )  # fmt: skip
+
+    def apply_vm(self, document: dict[str, Any]) -> tuple[str, dict[str, Any]]:
+        """Create, or replace what is there (``kubectl apply``); returns (verb, VM)."""
+        name = str((document.get("metadata") or {}).get("name", ""))
+        try:
+            self.get_vm(name)
+        except NotFound:
+            return "created", self.create_vm(document)
+        return "configured", self.replace_vm(name, document)
+
+    def delete_vm(self, name: str, *, delete_disks: bool = False) -> None:
+        self.request("DELETE", f"/v1/vms/{name}", params={"deleteDisks": str(delete_disks).lower()})
+
+    def action(self, name: str, verb: str, *, wait: float | None = None) -> dict[str, Any]:
+        return cast(
+            dict[str, Any],
+            self.request("POST", f"/v1/vms/{name}/{verb}", params={"wait": wait},
+                         timeout=(wait + 30) if wait else None),
+        )  # fmt: skip
+
+    def exec(
+        self, name: str, command: list[str], *, stdin: str | None = None, timeout: float = 60.0
+    ) -> dict[str, Any]:
+        body = {"command": command, "stdin": stdin, "timeout": timeout}
+        return cast(
+            dict[str, Any],
+            self.request("POST", f"/v1/vms/{name}/exec", json_body=body, timeout=timeout + 30),
+        )
+
+    def events(
+        self, name: str | None = None, *, follow: bool = False, after: int = 0
+    ) -> Iterator[dict[str, Any]]:
+        """Server-sent events as dicts; with ``follow`` it blocks for new ones."""
+        path = f"/v1/vms/{name}/events" if name else "/v1/events"
+        params: dict[str, str | int] = {"follow": str(follow).lower(), "after": after}
+        try:
+            with self._http.stream("GET", path, params=params, timeout=None) as response:
+                if response.status_code >= 400:
+                    response.read()
+                    raise _error(response)
+                for line in response.iter_lines():
+                    if line.startswith("data: "):
+                        yield cast(dict[str, Any], json.loads(line[6:]))
+        except httpx.TransportError as exc:
+            raise self._unreachable(exc) from exc
+
+    # --- images and host -------------------------------------------------------------------
+
+    def list_images(self) -> list[dict[str, Any]]:
+        return cast(list[dict[str, Any]], self.request("GET", "/v1/images")["items"])
+
+    def import_image(
+        self, name: str, source: str, *, checksum: str | None = None, replace: bool = False
+    ) -> dict[str, Any]:
+        body = {"name": name, "source": source, "checksum": checksum, "replace": replace}
+        return cast(
+            dict[str, Any], self.request("POST", "/v1/images", json_body=body, timeout=24 * 3600)
+        )
+
+    def delete_image(self, name: str) -> None:
+        self.request("DELETE", f"/v1/images/{name}")
+
+    def host(self) -> dict[str, Any]:
+        return cast(dict[str, Any], self.request("GET", "/v1/host", timeout=300))
+
+    def host_shutdown(self, timeout: float | None = None) -> dict[str, str]:
+        return cast(
+            dict[str, str],
+            self.request("POST", "/v1/host/shutdown", params={"timeout": timeout}, timeout=None),
+        )
+
+    # --- console ---------------------------------------------------------------------------
+
+    def console_url(self, name: str) -> str:
+        if self.socket is not None:
+            return f"ws://corral/v1/vms/{name}/console"
+        scheme = "wss" if self.base_url.startswith("https") else "ws"
+        return f"{scheme}://{self.base_url.split('://', 1)[1]}/v1/vms/{name}/console"

@@ -1,0 +1,296 @@
+"""The daemon with its API on a temp unix socket and on TCP with tokens; the ``corral`` CLI as
+a subprocess against it; a real tiny guest: lifecycle, exec, live CPU/RAM/CD changes seen in
+the guest, the serial console over the websocket, the event stream, auth refusals, errors."""
+
+from __future__ import annotations
+
+import json
+import os
+import shutil
+import signal
+import socket
+import subprocess
+import sys
+import threading
+import time
+from collections.abc import Callable, Iterator
+from pathlib import Path
+from typing import Any
+
+import httpx
+import pytest
+import yaml
+
+from corral.client import Client
+from tests.integration.harness import tk
+from tests.integration.test_manager import qemu_pids, tiny
+
+pytestmark = [pytest.mark.integration, pytest.mark.slow]
+
+REPO = Path(__file__).resolve().parents[2]
+
+
+def _free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return int(s.getsockname()[1])
+
+
+def _env(sock: Path) -> dict[str, str]:
+    e = dict(os.environ)
+    e["PYTHONPATH"] = os.pathsep.join(p for p in (str(REPO / "src"), e.get("PYTHONPATH")) if p)
+    e["CORRAL_SOCKET"] = str(sock)
+    e.pop("CORRAL_URL", None)
+    e.pop("CORRAL_TOKEN", None)
+    return e
+
+
+class Stack:
+    def __init__(self, root: Path) -> None:
+        self.root = root
+        self.sock = root / "corral.sock"
+        self.port = _free_port()
+        self.tokens = root / "tokens"
+        self.proc: subprocess.Popen[bytes] | None = None
+        (root / "host.yaml").write_text("{}\n")
+
+    def corral(self, *args: str, timeout: float = 300, stdin: str | None = None,
+               env: dict[str, str] | None = None) -> subprocess.CompletedProcess[str]:  # fmt: skip
+        return subprocess.run(
+            [sys.executable, "-m", "corral.cli.main", *args], input=stdin,
+            capture_output=True, text=True, timeout=timeout, check=False,
+            env=env or _env(self.sock),
+        )  # fmt: skip
+
+    def ok(self, *args: str, **kw: Any) -> str:
+        done = self.corral(*args, **kw)
+        assert done.returncode == 0, f"corral {' '.join(args)}: {done.stderr}{done.stdout}"
+        return done.stdout
+
+    def start(self) -> None:
+        self.token = self.ok("token", "create", "ci", "--file", str(self.tokens)).strip()
+        with (self.root / "daemon.log").open("ab") as log:
+            self.proc = subprocess.Popen(
+                [sys.executable, "-m", "corral.cli.main", "serve", "--state-dir",
+                 str(self.root / "state"), "--accel", "tcg", "--resync", "1",
+                 "--policy", str(self.root / "host.yaml"), "--socket", str(self.sock),
+                 "--listen", f"127.0.0.1:{self.port}", "--tokens", str(self.tokens)],
+                stdin=subprocess.DEVNULL, stdout=log, stderr=log, env=_env(self.sock),
+                start_new_session=True,
+            )  # fmt: skip
+        deadline = time.monotonic() + 60
+        while "DaemonReady" not in self.log():
+            assert self.proc.poll() is None, f"daemon exited:\n{self.log()}"
+            assert time.monotonic() < deadline, f"daemon not ready:\n{self.log()}"
+            time.sleep(0.1)
+
+    def log(self) -> str:
+        try:
+            return (self.root / "daemon.log").read_text(errors="replace")[-4000:]
+        except OSError:
+            return ""
+
+    def vm(self, name: str) -> dict[str, Any]:
+        return dict(json.loads(self.ok("show", name, "-o", "json")))
+
+    def wait(self, check: Callable[[], bool], timeout: float, what: str) -> None:
+        deadline = time.monotonic() + timeout
+        while not check():
+            assert time.monotonic() < deadline, f"{what}: not within {timeout}s\n{self.log()}"
+            time.sleep(0.3)
+
+    def guest(self, name: str, command: str) -> str:
+        return self.ok("exec", name, "--", "/bin/sh", "-c", command).strip()
+
+
+@pytest.fixture(scope="module")
+def stack(tiny_guest: Any) -> Iterator[Stack]:
+    root = Path(os.path.realpath("/tmp")) / f"ca-{os.getpid()}-{time.monotonic_ns() % 10**8}"
+    root.mkdir()
+    s = Stack(root)
+    try:
+        s.start()
+        yield s
+    finally:
+        if s.proc is not None and s.proc.poll() is None:
+            s.proc.send_signal(signal.SIGTERM)
+            try:
+                s.proc.wait(timeout=60)
+            except subprocess.TimeoutExpired:
+                s.proc.kill()
+        for name in ("web1", "web2", "cli-alias"):
+            for pid in qemu_pids(name):
+                os.kill(pid, signal.SIGKILL)
+        shutil.rmtree(root, ignore_errors=True)
+
+
+@pytest.fixture(scope="module")
+def web1(stack: Stack, tiny_guest: Any) -> str:
+    doc = tiny(tiny_guest, "web1", state="Stopped", maximumCpus=3, maximumRam="384Mi",
+               disks=[{"name": "cd0", "cdrom": {"image": ""}}])  # fmt: skip
+    (stack.root / "web1.yaml").write_text(yaml.safe_dump(doc))
+    assert stack.ok("apply", "-f", str(stack.root / "web1.yaml")).strip() == "vm/web1 created"
+    assert stack.ok("apply", "-f", str(stack.root / "web1.yaml")).strip() == "vm/web1 configured"
+    assert stack.ok("start", "web1", "--wait").strip() == "vm/web1 start (Running)"
+    stack.wait(lambda: stack.corral("exec", "web1", "--", "true").returncode == 0, 150, "agent")
+    return "web1"
+
+
+def test_list_show_exec_and_exit_codes(stack: Stack, web1: str) -> None:
+    items = json.loads(stack.ok("list", "-o", "json"))["items"]
+    assert [i["metadata"]["name"] for i in items] == ["web1"]
+    status = items[0]["status"]
+    assert status["state"] == "Running" and status["pid"] == qemu_pids("web1")[0]
+    assert status["cpus"] == 1 and status["conditions"]["AgentConnected"]["status"] is True
+    table = stack.ok("list")
+    assert "web1" in table and "Running" in table
+    assert yaml.safe_load(stack.ok("show", "web1", "-o", "yaml"))["metadata"]["name"] == "web1"
+
+    assert stack.guest("web1", "echo $((6*7))") == "42"
+    failed = stack.corral("exec", "web1", "--", "/bin/sh", "-c", "echo oops >&2; exit 3")
+    assert failed.returncode == 3 and failed.stderr == "oops\n"
+
+    missing = stack.corral("show", "nope")
+    assert missing.returncode == 1
+    assert missing.stderr.strip().splitlines()[0] == "error: VM 'nope' not found"
+    assert "Traceback" not in missing.stderr
+    usage = stack.corral("set", "web1")
+    assert usage.returncode == 2
+    bad = stack.root / "bad.yaml"
+    bad.write_text("metadata: {name: Bad_Name}\nspec: {vm: {maximumCpus: 0}}\n")
+    refused = stack.corral("create", "-f", str(bad))
+    assert refused.returncode == 1
+    assert "metadata.name" in refused.stderr and "spec.vm.maximumCpus" in refused.stderr
+    assert "--debug" not in refused.stderr and "Traceback" not in refused.stderr
+
+
+def test_live_cpu_ram_and_cd_changes_are_seen_in_the_guest(stack: Stack, web1: str) -> None:
+    pid = qemu_pids("web1")
+    stack.ok("set", "web1", "--cpus", "3")
+    stack.wait(lambda: stack.guest("web1", "cat /sys/devices/system/cpu/online") == "0-2", 120,
+               "3 CPUs online in the guest")  # fmt: skip
+    stack.ok("set", "web1", "--cpus", "2")
+    stack.wait(lambda: stack.vm("web1")["status"]["cpus"] == 2, 120, "back to 2 CPUs")
+
+    stack.ok("set", "web1", "--ram", "192Mi")
+    stack.wait(lambda: stack.vm("web1")["status"]["ram"] == 192 * 2**20, 60, "balloon")
+
+    iso = tk.make_iso(stack.root / "disc one.iso", {"hello.txt": "from the cd\n"})
+    stack.ok("cd", "insert", "web1", str(iso))
+    read = "mount -t iso9660 -o ro /dev/sr0 /mnt 2>/dev/null && cat /mnt/hello.txt; umount /mnt"
+    stack.wait(lambda: stack.guest("web1", read + " || true") == "from the cd", 60, "cd seen")
+    assert stack.vm("web1")["status"]["cdrom"] == {"cd0": str(iso)}
+    stack.ok("cd", "eject", "web1")
+    stack.wait(lambda: stack.vm("web1")["status"]["cdrom"] == {"cd0": None}, 60, "ejected")
+    assert qemu_pids("web1") == pid, "live changes never restart qemu"
+
+
+def test_console_websocket_round_trip(stack: Stack, web1: str) -> None:
+    from corral.cli.terminal import open_console
+
+    with Client(socket=stack.sock) as client, open_console(client, "web1") as ws:
+        ws.send(b"\necho console-$((40+2))\n")
+        seen = b""
+        deadline = time.monotonic() + 60
+        while b"console-42" not in seen:
+            assert time.monotonic() < deadline, seen[-500:]
+            try:
+                seen += ws.recv(timeout=5)  # type: ignore[operator]
+            except TimeoutError:
+                ws.send(b"\n")
+    # through the CLI too, as a user types: a pipe on stdin
+    out = stack.corral("console", "web1", stdin="echo piped-$((7*6))\n", timeout=60)
+    assert out.returncode == 0, out.stderr
+
+
+def test_events_stream_follows_live(stack: Stack, web1: str) -> None:
+    got: list[dict[str, Any]] = []
+
+    def follow() -> None:
+        with Client(socket=stack.sock) as client:
+            for event in client.events("web1", follow=True, after=2**62):
+                got.append(event)
+                if event.get("event") == "SpecChanged":
+                    return
+
+    reader = threading.Thread(target=follow, daemon=True)
+    reader.start()
+    time.sleep(1)
+    stack.ok("set", "web1", "--powerdown-timeout", "25")
+    reader.join(timeout=30)
+    assert any(e["event"] == "SpecChanged" for e in got), got
+    history = [json.loads(line) for line in stack.ok("events", "web1", "-o", "json").splitlines()]
+    kinds = [e["event"] for e in history]
+    assert kinds[0] == "Created" and "StateChanged" in kinds and "SpecChanged" in kinds
+
+
+def test_tcp_needs_a_valid_token_and_refusals_change_nothing(stack: Stack, web1: str) -> None:
+    base = f"http://127.0.0.1:{stack.port}"
+    doc = {"metadata": {"name": "sneaky"}, "spec": {"vm": {"maximumRam": "128Mi"}}}
+    with httpx.Client(base_url=base) as http:
+        for headers in ({}, {"Authorization": "Bearer crl_wrong"}, {"Authorization": "Basic x"}):
+            r = http.post("/v1/vms", json=doc, headers=headers)
+            assert r.status_code == 401, r.text
+            assert r.headers["content-type"] == "application/problem+json"
+            assert r.json()["status"] == 401
+            assert http.get("/v1/vms", headers=headers).status_code == 401
+        assert http.get("/healthz").status_code == 200
+        ok = http.get("/v1/vms", headers={"Authorization": f"Bearer {stack.token}"})
+        assert ok.status_code == 200
+        assert [i["metadata"]["name"] for i in ok.json()["items"]] == ["web1"]
+    env = {**_env(stack.sock), "CORRAL_URL": base, "CORRAL_TOKEN": stack.token}
+    env.pop("CORRAL_SOCKET")
+    assert "web1" in stack.ok("list", env=env)
+    env["CORRAL_TOKEN"] = "crl_nope"  # noqa: S105 (a wrong token on purpose)
+    denied = stack.corral("list", env=env)
+    assert denied.returncode == 1 and "not valid" in denied.stderr
+
+    from websockets.exceptions import InvalidStatus, WebSocketException
+    from websockets.sync.client import connect
+
+    with (
+        pytest.raises((InvalidStatus, WebSocketException)),
+        connect(f"ws://127.0.0.1:{stack.port}/v1/vms/web1/console") as ws,
+    ):
+        ws.recv(timeout=5)
+
+
+def test_problem_json_for_bad_input(stack: Stack, web1: str) -> None:
+    with Client(socket=stack.sock) as client:
+        http = client._http
+        r = http.post("/v1/vms", content=b"{not json", headers={"Content-Type": "application/json"})
+        assert r.status_code in (400, 422) and r.headers["content-type"].startswith(
+            "application/problem+json"
+        )
+        r = http.post("/v1/vms", json={"metadata": {"name": "x"}, "spec": {"vm": {"disks": [
+            {"file": {"path": "/tmp/a", "image": "/tmp/b"}}]}}})  # fmt: skip
+        body = r.json()
+        assert r.status_code == 422 and body["type"] == "urn:corral:invalid-spec"
+        assert body["errors"][0]["loc"].startswith("spec.vm.disks[0].file")
+        stale = client.get_vm("web1")["metadata"]["resourceVersion"]
+        client.patch_vm("web1", {"metadata": {"labels": {"touched": "yes"}}})
+        r = http.patch("/v1/vms/web1", json={"metadata": {"resourceVersion": stale,
+                       "labels": {"touched": "again"}}})  # fmt: skip
+        assert r.status_code == 409 and r.json()["type"] == "urn:corral:conflict"
+        assert http.get("/v1/vms/none").status_code == 404
+        assert http.get("/v1/nothing").json()["status"] == 404
+
+
+def test_stop_delete_and_aetherscale_aliases(stack: Stack, web1: str, tmp_path: Path) -> None:
+    base = tmp_path / "base.raw"
+    base.write_bytes(b"\0" * 2**20)
+    out = stack.ok("image", "import", "blank", str(base), "--no-progress")
+    assert out.startswith("image/blank imported: raw")
+    assert stack.corral("create-vm", "--image", "blank", "--name", "cli-alias",
+                        "--no-start").stdout.strip() == "cli-alias"  # fmt: skip
+    assert "cli-alias\tStopped" in stack.ok("list-vms")
+    assert "blank" in stack.ok("image", "list") and "cli-alias" in stack.ok("image", "list")
+    assert stack.corral("image", "delete", "blank").returncode == 1  # in use
+    stack.ok("delete-vm", "--vm-id", "cli-alias")
+    stack.ok("image", "delete", "blank")
+
+    stack.ok("stop", "web1", "--wait")
+    assert stack.vm("web1")["status"]["stoppedBy"] == "powerdown"
+    assert qemu_pids("web1") == []
+    stack.ok("delete", "web1")
+    assert json.loads(stack.ok("list", "-o", "json"))["items"] == []
