@@ -1,5 +1,5 @@
 # corral: two commands for a fresh Debian bookworm machine (as root):
-#   make run    installs what it needs and boots a real demo VM
+#   make run    installs what it needs, starts the manager and boots a real demo VM
 #   make test   installs what it needs and runs the whole test suite
 # Other targets: lint, bench, deps, guests, clean.
 
@@ -14,14 +14,15 @@ PYTEST_ARGS ?=
 # installs the few it needs on top of these (debootstrap, busybox-static, ...) by itself.
 APT_PACKAGES := qemu-system-x86 qemu-utils swtpm swtpm-tools ovmf \
 	mtools dosfstools genisoimage cpio zstd busybox-static debootstrap \
-	python3-venv
+	python3-venv systemd
 APT_COMMANDS := qemu-system-x86_64 qemu-img swtpm swtpm_setup mcopy mkfs.vfat genisoimage \
-	cpio zstd busybox debootstrap
+	cpio zstd busybox debootstrap systemd-analyze
 
-.PHONY: help run test lint bench deps deps-system deps-python guests clean
+.PHONY: help run stop test lint bench deps deps-system deps-python guests clean
 
 help:
-	@echo "make run    - boot the demo VM (installs qemu & co. if missing)"
+	@echo "make run    - start corral serve and a demo VM (installs qemu & co. if missing)"
+	@echo "make stop   - power the demo VM down and stop the daemon"
 	@echo "make test   - run the whole test suite (unit + integration + e2e)"
 	@echo "make lint   - ruff, mypy --strict, import-linter"
 	@echo "make bench  - benchmarks (writes results to bench/results/)"
@@ -52,6 +53,9 @@ guests: deps
 
 run: deps
 	$(PY) examples/demo.py
+
+stop: deps-python
+	$(PY) examples/demo.py stop
 
 test: deps lint
 	$(PY) -m pytest $(PYTEST_ARGS)

@@ -1,12 +1,14 @@
-"""`make run`: boot the demo VM for real and show that it works.
+"""`make run`: what a new user wants first, for real.
 
 1. build (or reuse) the tiny test guest from Debian packages (guests/build.py);
-2. write the demo VM document (examples/demo-vm.yaml with the guest's paths) to build/demo/;
-3. `corral render` it into a qemu argv (host policy, KVM probe, templates: the real path);
-4. start qemu, wait for the guest's ready marker on the serial console log, show the facts the
-   guest reports, ask it over QMP for an ACPI powerdown, and wait for qemu to exit.
+2. start the manager daemon, `corral serve`, in the background (or reuse the one a previous
+   `make run` left running), with its API on build/demo/corral.sock;
+3. `corral apply -f` the demo VM document (examples/demo-vm.yaml with the guest's paths) and
+   `corral start demo --wait` until it is Running; wait for its guest agent;
+4. show `corral list`, what the guest says through `corral exec`, and how to reach its
+   console and how to stop everything (`make stop` does it).
 
-Until the runner lands (issue #3) this drives qemu itself; afterwards it is `corral run`.
+KVM is used if it really boots guests here (a probe), TCG otherwise.
 """
 
 from __future__ import annotations
@@ -14,17 +16,20 @@ from __future__ import annotations
 import importlib.util
 import json
 import os
-import socket
+import shlex
 import subprocess
 import sys
 import time
 from pathlib import Path
+from typing import Any
 
 ROOT = Path(__file__).resolve().parent.parent
-MARKER = "CORRAL-GUEST-READY"
+WORK = ROOT / "build" / "demo"
+SOCKET = WORK / "corral.sock"
+CORRAL = [sys.executable, "-m", "corral.cli.main"]
 
 
-def load_guest_builder():  # type: ignore[no-untyped-def]
+def load_guest_builder() -> Any:
     path = ROOT / "guests/build.py"
     spec = importlib.util.spec_from_file_location("corral_demo_guest_build", path)
     assert spec and spec.loader
@@ -34,76 +39,107 @@ def load_guest_builder():  # type: ignore[no-untyped-def]
     return module
 
 
-def qmp(sock_path: Path, command: str) -> dict[str, object]:
-    with socket.socket(socket.AF_UNIX) as s:
-        s.settimeout(10)
-        s.connect(str(sock_path))
-        f = s.makefile("rwb")
-        f.readline()  # greeting
-        for cmd in ("qmp_capabilities", command):
-            f.write(json.dumps({"execute": cmd}).encode() + b"\n")
-            f.flush()
-            while True:
-                reply = json.loads(f.readline())
-                if "return" in reply or "error" in reply:
-                    break
-        return reply  # type: ignore[no-any-return]
+def env() -> dict[str, str]:
+    e = dict(os.environ)
+    e["CORRAL_SOCKET"] = str(SOCKET)
+    e["PYTHONPATH"] = os.pathsep.join(p for p in (str(ROOT / "src"), e.get("PYTHONPATH")) if p)
+    return e
+
+
+def corral(*args: str, check: bool = True, show: bool = True) -> subprocess.CompletedProcess[str]:
+    if show:
+        print(f"$ corral {shlex.join(args)}")
+    done = subprocess.run([*CORRAL, *args], capture_output=True, text=True, env=env(), check=False)
+    if show and done.stdout.strip():
+        print("    " + done.stdout.rstrip().replace("\n", "\n    "))
+    if check and done.returncode != 0:
+        print(done.stderr, file=sys.stderr)
+        raise SystemExit(f"[demo] corral {args[0]} failed (exit {done.returncode})")
+    return done
+
+
+def daemon_up() -> bool:
+    return SOCKET.exists() and corral("list", "-o", "json", check=False, show=False).returncode == 0
+
+
+def start_daemon() -> None:
+    if daemon_up():
+        print(f"[demo] reusing the corral daemon on {SOCKET}")
+        return
+    state = WORK / "state"
+    # VM sockets must stay below 108 bytes whatever the checkout's path: runtime files in /tmp
+    config = WORK / "corral.yaml"
+    config.write_text(f"runDir: /tmp/corral-demo-{os.getuid()}/run\n")
+    log = (WORK / "serve.log").open("ab")
+    proc = subprocess.Popen(
+        [*CORRAL, "serve", "--state-dir", str(state), "--config", str(config),
+         "--socket", str(SOCKET)],
+        stdin=subprocess.DEVNULL, stdout=log, stderr=log, env=env(), start_new_session=True,
+    )  # fmt: skip
+    (WORK / "serve.pid").write_text(f"{proc.pid}\n")
+    deadline = time.monotonic() + 60
+    while not daemon_up():
+        if proc.poll() is not None or time.monotonic() > deadline:
+            print((WORK / "serve.log").read_text()[-3000:], file=sys.stderr)
+            raise SystemExit("[demo] corral serve did not come up")
+        time.sleep(0.2)
+    print(f"[demo] corral serve running (pid {proc.pid}), API on {SOCKET}, log {WORK}/serve.log")
 
 
 def main() -> int:
-    build = load_guest_builder()
     t0 = time.monotonic()
-    guest = build.build_tiny()
+    guest = load_guest_builder().build_tiny()
     print(f"[demo] tiny guest ready in {time.monotonic() - t0:.1f}s: {guest.directory}")
-
-    work = ROOT / "build" / "demo"
-    runtime = Path(f"/tmp/corral-demo-{os.getuid()}")
-    work.mkdir(parents=True, exist_ok=True)
-    runtime.mkdir(mode=0o700, exist_ok=True)
+    WORK.mkdir(parents=True, exist_ok=True)
     doc = (ROOT / "examples/demo-vm.yaml").read_text().replace("@GUEST@", str(guest.directory))
-    vm_yaml = work / "vm.yaml"
+    vm_yaml = WORK / "vm.yaml"
     vm_yaml.write_text(doc)
 
-    corral = [sys.executable, "-m", "corral.cli.main"]
-    render = subprocess.run(
-        [*corral, "render", "-c", str(vm_yaml), "--data-dir", str(work / "data"),
-         "--runtime-dir", str(runtime), "--standalone"],
-        capture_output=True, text=True, check=False,
-    )  # fmt: skip
-    if render.returncode != 0:
-        print(render.stderr, file=sys.stderr)
-        return 1
-    argv = render.stdout.splitlines()
-    print("[demo] corral render gave this argv:\n    " + " \\\n    ".join(argv))
+    start_daemon()
+    corral("apply", "-f", str(vm_yaml))
+    t1 = time.monotonic()
+    corral("start", "demo", "--wait", "--timeout", "300")
+    deadline = time.monotonic() + 300
+    while corral("exec", "demo", "--", "true", check=False, show=False).returncode != 0:
+        if time.monotonic() > deadline:
+            raise SystemExit("[demo] the guest agent did not answer within 300 s")
+        time.sleep(0.5)
+    print(f"[demo] demo is Running and its guest agent answers, {time.monotonic() - t1:.1f}s "
+          "after the start")  # fmt: skip
+    corral("list")
+    corral("exec", "demo", "--", "/bin/sh", "-c", "uname -sr; cat /sys/devices/system/cpu/online")
+    status = json.loads(corral("show", "demo", "-o", "json", show=False).stdout)["status"]
+    print(f"[demo] qemu pid {status['pid']}, accelerator {status.get('accelerator')}")
+    print(
+        f"""
+Try it (the daemon keeps running):
+    export CORRAL_SOCKET={SOCKET}
+    . .venv/bin/activate
+    corral console demo                 # serial console; Ctrl-] leaves
+    corral exec demo -- ps              # a command in the guest
+    corral set demo --cpus 3            # CPU hot-plug, live; corral show demo
+    corral events demo --follow         # what happens, as it happens
+Stop everything:
+    make stop                           # powers the VM down, then stops the daemon
+"""
+    )
+    return 0
 
-    log = runtime / "console.log"
-    log.unlink(missing_ok=True)
-    (work / "data").mkdir(exist_ok=True)
-    t0 = time.monotonic()
-    qemu = subprocess.Popen(argv, stdin=subprocess.DEVNULL, start_new_session=True)
-    try:
-        deadline = t0 + 180
-        text = ""
-        while MARKER not in text:
-            if qemu.poll() is not None or time.monotonic() > deadline:
-                print(f"[demo] guest did not boot; console:\n{text}", file=sys.stderr)
-                return 1
-            time.sleep(0.2)
-            text = log.read_text(errors="replace") if log.exists() else ""
-        print(f"[demo] guest booted in {time.monotonic() - t0:.1f}s; it reports:")
-        for line in text.splitlines():
-            if line.startswith("CORRAL-FACT"):
-                print("    " + line.split(" ", 1)[1])
-        t1 = time.monotonic()
-        qmp(runtime / "qmp.sock", "system_powerdown")
-        code = qemu.wait(timeout=60)
-        print(f"[demo] ACPI powerdown -> qemu exited {code} in {time.monotonic() - t1:.1f}s")
-        return 0 if code == 0 else 1
-    finally:
-        if qemu.poll() is None:
-            qemu.kill()
-            qemu.wait()
+
+def stop() -> int:
+    if daemon_up():
+        corral("host", "shutdown", check=False)
+    pidfile = WORK / "serve.pid"
+    if pidfile.exists():
+        pid = int(pidfile.read_text())
+        try:
+            os.kill(pid, 15)
+            print(f"[demo] stopped corral serve (pid {pid})")
+        except ProcessLookupError:
+            pass
+        pidfile.unlink()
+    return 0
 
 
 if __name__ == "__main__":
-    sys.exit(main())
+    sys.exit(stop() if sys.argv[1:] == ["stop"] else main())

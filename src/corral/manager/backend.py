@@ -95,8 +95,10 @@ class EmbeddedBackend:
         on_event: EventCallback,
         *,
         accelerator: str | None = None,
+        on_status: Callable[[str], None] | None = None,
     ) -> None:
         self.data_root = data_root
+        self._on_status = on_status
         self.run_root = run_root
         self.policy = policy
         self._on_event = on_event
@@ -119,9 +121,14 @@ class EmbeddedBackend:
             def sink(event: dict[str, Any]) -> None:
                 self._on_event(name, event)
 
+            def status_changed(_: object) -> None:
+                if self._on_status is not None:
+                    self._on_status(name)
+
             sup = VmSupervisor(
-                doc, self.paths(doc), self.policy, accelerator=self._accelerator, events=sink
-            )
+                doc, self.paths(doc), self.policy, accelerator=self._accelerator, events=sink,
+                on_status=status_changed,
+            )  # fmt: skip
             self._sups[name] = sup
         elif sup.state in (VmState.STOPPED, VmState.CRASHED):
             sup.doc = doc

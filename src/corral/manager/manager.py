@@ -118,7 +118,12 @@ class Manager:
             SystemdBackend.from_config(config, self._on_event)
             if config.backend == "systemd"
             else EmbeddedBackend(
-                config.vms, config.run, self.policy, self._on_event, accelerator=config.accelerator
+                config.vms,
+                config.run,
+                self.policy,
+                self._on_event,
+                accelerator=config.accelerator,
+                on_status=self._write_status,
             )
         )
         self.state = ManagerState.NEW

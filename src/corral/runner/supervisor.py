@@ -29,7 +29,7 @@ import os
 import secrets
 import signal
 import time
-from collections.abc import Awaitable
+from collections.abc import Awaitable, Callable
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, cast
@@ -107,6 +107,7 @@ class VmSupervisor:
         accelerator: str | None = None,
         events: EventSink | None = None,
         boot_marker: str | None = None,
+        on_status: Callable[[VmStatus], None] | None = None,
     ) -> None:
         self.doc = doc
         self.paths = paths
@@ -116,6 +117,7 @@ class VmSupervisor:
         self._accel_override = accelerator
         self._sink = events
         self._boot_marker = boot_marker
+        self._on_status = on_status
         self._started_doc: VmDocument | None = None
         self._proc: asyncio.subprocess.Process | None = None
         self._pid: int | None = None
@@ -148,6 +150,8 @@ class VmSupervisor:
             write_atomic(self.paths.status_file, data)
         except OSError as exc:
             self._event("StatusWriteFailed", error=str(exc))
+        if self._on_status is not None:
+            self._on_status(self.status)
 
     def _set_state(self, state: VmState, **fields: object) -> None:
         if self.status.state is not state:
@@ -562,6 +566,7 @@ class VmSupervisor:
                     ips = await agent.ips()
                     if ips != self.status.ips:
                         self.status.ips = ips
+                        self._event("GuestAddresses", ips=ips)
                         self._publish()
                 await asyncio.sleep(1.0)
             except AgentError:
