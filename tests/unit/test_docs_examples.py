@@ -8,6 +8,7 @@ from pathlib import Path
 import pytest
 import yaml
 
+from corral.manager import ManagerConfig
 from corral.spec import HostPolicy, parse_document
 
 ROOT = Path(__file__).resolve().parents[2]
@@ -34,7 +35,10 @@ def test_docs_have_examples() -> None:
 def test_yaml_example_is_valid(where: str, text: str) -> None:
     data = yaml.safe_load(text)
     assert isinstance(data, dict), where
-    if "metadata" in data:
+    if text.startswith("# manager config"):
+        config = ManagerConfig.model_validate({**data, "stateDir": "/var/lib/corral"})
+        assert config.workers >= 1
+    elif "metadata" in data:
         doc = parse_document(data)
         assert doc.name == data["metadata"]["name"]
     else:
