@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import json
 import os
+import ssl
 from collections.abc import Iterator
 from pathlib import Path
 from typing import Any, cast
@@ -86,7 +87,7 @@ class Client:
         url: str | None = None,
         token: str | None = None,
         timeout: float = 30.0,
-        verify: bool | str = True,
+        verify: bool | ssl.SSLContext | None = None,
     ) -> None:
         if socket is None and url is None:
             if os.environ.get("CORRAL_SOCKET"):
@@ -107,6 +108,9 @@ class Client:
         else:
             assert url is not None
             self.base_url = url.rstrip("/")
+            if verify is None:  # $CORRAL_CA_CERT: trust a private CA (a self-signed daemon)
+                ca = os.environ.get("CORRAL_CA_CERT")
+                verify = ssl.create_default_context(cafile=ca) if ca else True
             transport = httpx.HTTPTransport(verify=verify)
             self.where = self.base_url
         self._http = httpx.Client(

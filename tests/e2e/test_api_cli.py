@@ -9,6 +9,7 @@ import os
 import shutil
 import signal
 import socket
+import ssl
 import subprocess
 import sys
 import threading
@@ -172,8 +173,12 @@ def test_live_cpu_ram_and_cd_changes_are_seen_in_the_guest(stack: Stack, web1: s
     stack.ok("set", "web1", "--cpus", "2")
     stack.wait(lambda: stack.vm("web1")["status"]["cpus"] == 2, 120, "back to 2 CPUs")
 
+    memtotal = "sed -n 's/^MemTotal: *\\([0-9]*\\).*/\\1/p' /proc/meminfo"
+    before_kb = int(stack.guest("web1", memtotal))
     stack.ok("set", "web1", "--ram", "192Mi")
     stack.wait(lambda: stack.vm("web1")["status"]["ram"] == 192 * 2**20, 60, "balloon")
+    stack.wait(lambda: before_kb - int(stack.guest("web1", memtotal)) >= 150 * 1024, 60,
+               "the guest's MemTotal shrinks by the 192Mi the balloon took")  # fmt: skip
 
     iso = tk.make_iso(stack.root / "disc one.iso", {"hello.txt": "from the cd\n"})
     stack.ok("cd", "insert", "web1", str(iso))
@@ -294,3 +299,47 @@ def test_stop_delete_and_aetherscale_aliases(stack: Stack, web1: str, tmp_path: 
     assert qemu_pids("web1") == []
     stack.ok("delete", "web1")
     assert json.loads(stack.ok("list", "-o", "json"))["items"] == []
+
+
+def test_tls_listener_with_token(tmp_path: Path) -> None:
+    """--tls-cert/--tls-key: HTTPS on TCP, the token still required (a separate daemon with no
+    VMs and no unix socket)."""
+    root = Path(os.path.realpath("/tmp")) / f"ct-{os.getpid()}-{time.monotonic_ns() % 10**8}"
+    root.mkdir()
+    cert, key = root / "tls.crt", root / "tls.key"
+    subprocess.run(
+        ["openssl", "req", "-x509", "-newkey", "rsa:2048", "-nodes", "-days", "1", "-subj",
+         "/CN=127.0.0.1", "-addext", "subjectAltName=IP:127.0.0.1", "-keyout", str(key),
+         "-out", str(cert)], check=True, capture_output=True,
+    )  # fmt: skip
+    stack = Stack(root)
+    token = stack.ok("token", "create", "tls", "--file", str(stack.tokens)).strip()
+    log = (root / "daemon.log").open("ab")
+    proc = subprocess.Popen(
+        [sys.executable, "-m", "corral.cli.main", "serve", "--state-dir", str(root / "state"),
+         "--no-socket", "--listen", f"127.0.0.1:{stack.port}", "--tokens", str(stack.tokens),
+         "--tls-cert", str(cert), "--tls-key", str(key)],
+        stdin=subprocess.DEVNULL, stdout=log, stderr=log, env=_env(stack.sock),
+        start_new_session=True,
+    )  # fmt: skip
+    try:
+        stack.proc = proc
+        stack.wait(lambda: "DaemonReady" in stack.log(), 60, "TLS daemon ready")
+        base = f"https://127.0.0.1:{stack.port}"
+        trust = ssl.create_default_context(cafile=str(cert))
+        with httpx.Client(base_url=base, verify=trust) as https:
+            assert https.get("/v1/vms").status_code == 401
+            r = https.get("/v1/vms", headers={"Authorization": f"Bearer {token}"})
+            assert r.status_code == 200 and r.json() == {"items": []}
+        with pytest.raises(httpx.TransportError):
+            httpx.get(f"http://127.0.0.1:{stack.port}/healthz", timeout=5)
+        assert not stack.sock.exists()
+        env = {**_env(stack.sock), "CORRAL_URL": base, "CORRAL_TOKEN": token,
+               "CORRAL_CA_CERT": str(cert)}  # fmt: skip
+        env.pop("CORRAL_SOCKET")
+        assert stack.corral("list", "-o", "json", env=env).returncode == 0
+    finally:
+        log.close()
+        proc.send_signal(signal.SIGTERM)
+        assert proc.wait(timeout=30) == 0
+        shutil.rmtree(root, ignore_errors=True)
