@@ -18,6 +18,7 @@ RSS and CPU time over that window, with qemu's CPU time in the same window as th
 
 from __future__ import annotations
 
+import contextlib
 import json
 import os
 import signal
@@ -163,7 +164,8 @@ def raw_round(guest: Any) -> dict[str, float]:
             proc.wait(timeout=60)
             gone = time.monotonic()
         finally:
-            qmp.close()
+            with contextlib.suppress(EOFError):  # qemu already gone after 'quit': expected
+                qmp.close()
             if proc.poll() is None:
                 proc.kill()
                 proc.wait()

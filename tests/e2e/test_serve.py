@@ -52,7 +52,8 @@ class Daemon:
         with (self.root / "daemon.log").open("ab") as log:
             self.proc = subprocess.Popen(
                 corral("serve", "--state-dir", str(self.root), "--accel", "tcg", "--resync", "1",
-                       "--policy", str(self.root / "host.yaml"), "--config", self.config),
+                       "--policy", str(self.root / "host.yaml"), "--config", self.config,
+                       "--socket", str(self.root / "api.sock")),
                 stdin=subprocess.DEVNULL, stdout=log, stderr=log, env=env(),
                 start_new_session=True,
             )  # fmt: skip
@@ -139,7 +140,8 @@ def test_reboot_autostart_daemon_kill9_reattach_and_host_shutdown(
     started = {n: s["startedAt"] for n, s in booted.items()}
 
     second = subprocess.run(
-        corral("serve", "--state-dir", str(daemon.root)), capture_output=True, text=True,
+        corral("serve", "--state-dir", str(daemon.root), "--socket", str(daemon.root / "b.sock")),
+        capture_output=True, text=True,
         env=env(), timeout=60, check=False,
     )  # fmt: skip
     assert second.returncode == 1

@@ -111,6 +111,7 @@ class Store:
         path.parent.mkdir(parents=True, exist_ok=True)
         self._db = sqlite3.connect(path, check_same_thread=False, isolation_level=None)
         self._lock = threading.RLock()
+        self._parsed: dict[str, tuple[str, VmDocument]] = {}
         with self._lock:
             self._db.execute("PRAGMA journal_mode=WAL")
             self._db.execute("PRAGMA synchronous=NORMAL")
@@ -142,13 +143,22 @@ class Store:
         )
         return version
 
-    @staticmethod
-    def _record(row: tuple[Any, ...]) -> VmRecord:
+    def _document(self, name: str, text: str) -> VmDocument:
+        """Parse a stored document, once per distinct text (listing 1000 VMs would otherwise
+        validate 1000 documents per call; they change rarely)."""
+        cached = self._parsed.get(name)
+        if cached is not None and cached[0] == text:
+            return cached[1]
+        doc = parse_document(json.loads(text))
+        self._parsed[name] = (text, doc)
+        return doc
+
+    def _record(self, row: tuple[Any, ...]) -> VmRecord:
         name, uid, document, generation, version, status, created, updated = row
         return VmRecord(
             name=name,
             uid=uid,
-            document=parse_document(json.loads(document)),
+            document=self._document(name, document),
             generation=int(generation),
             resource_version=str(version),
             status=json.loads(status),
@@ -241,6 +251,7 @@ class Store:
         with self._tx() as db:
             if db.execute("DELETE FROM vms WHERE name = ?", (name,)).rowcount == 0:
                 raise NotFound(f"VM {name!r} not found")
+            self._parsed.pop(name, None)
 
     # --- events ----------------------------------------------------------------------------
 
