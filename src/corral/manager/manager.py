@@ -183,14 +183,15 @@ class Manager:
         if self.state in (ManagerState.CLOSING, ManagerState.CLOSED):
             return {}
         self.state = ManagerState.CLOSING
-        if self._resync is not None:
-            self._resync.cancel()
         for timer in self._timers.values():
             timer.cancel()
         self._timers.clear()
-        for task in list(self._workers.values()):
+        tasks: list[asyncio.Future[Any]] = [*self._workers.values(), *self._background]
+        if self._resync is not None:
+            tasks.append(self._resync)
+        for task in tasks:
             task.cancel()
-        await asyncio.gather(*self._workers.values(), return_exceptions=True)
+        await asyncio.gather(*tasks, return_exceptions=True)
         result = await self.stop_all() if stop_vms else {}
         await self.backend.close()
         self.store.close()
