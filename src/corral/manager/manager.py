@@ -33,7 +33,6 @@ import os
 import time
 from collections.abc import AsyncIterator, Callable, Coroutine, Mapping
 from dataclasses import dataclass
-from datetime import UTC, datetime
 from enum import StrEnum
 from pathlib import Path
 from typing import Any
@@ -52,7 +51,7 @@ from corral.manager.backend import Backend, EmbeddedBackend, Observed
 from corral.manager.config import ManagerConfig
 from corral.manager.store import Store, StoredEvent, VmRecord
 from corral.manager.systemd import SystemdBackend
-from corral.runner.status import VmState
+from corral.runner.status import VmState, now_iso
 from corral.runner.supervisor import ExecResult
 from corral.spec import HostPolicy, VmDocument, check_policy, load_policy, parse_document
 from corral.spec.policy import path_within
@@ -81,10 +80,6 @@ def json_merge_patch(target: object, patch: object) -> object:
         else:
             result[key] = json_merge_patch(result.get(key), value)
     return result
-
-
-def _now_iso() -> str:
-    return datetime.now(UTC).isoformat(timespec="milliseconds").replace("+00:00", "Z")
 
 
 def _host_cpus() -> int:
@@ -443,7 +438,7 @@ class Manager:
 
         def report(done: int, total: int | None) -> None:
             self._publish(
-                StoredEvent(0, "", _now_iso(), "ImageImportProgress",
+                StoredEvent(0, "", now_iso(), "ImageImportProgress",
                             {"image": name, "bytes": done, "total": total})
             )  # fmt: skip
             if progress is not None:
@@ -705,5 +700,5 @@ class Manager:
         backoff = self._backoff.get(name)
         status["restartCount"] = backoff.failures if backoff else 0
         status["lastError"] = self._last_error.get(name)
-        status["observedAt"] = _now_iso()
+        status["observedAt"] = now_iso()
         self.store.set_status(name, status)

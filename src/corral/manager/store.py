@@ -19,11 +19,11 @@ import uuid
 from collections.abc import Iterator
 from contextlib import contextmanager
 from dataclasses import dataclass, field
-from datetime import UTC, datetime
 from pathlib import Path
 from typing import Any
 
 from corral.errors import Conflict, NotFound
+from corral.runner.status import now_iso
 from corral.spec import VmDocument, parse_document
 
 __all__ = ["EVENTS_PER_VM", "Store", "StoredEvent", "VmRecord"]
@@ -51,10 +51,6 @@ CREATE TABLE IF NOT EXISTS events (
 );
 CREATE INDEX IF NOT EXISTS events_vm ON events (vm, id);
 """
-
-
-def _now() -> str:
-    return datetime.now(UTC).isoformat(timespec="milliseconds").replace("+00:00", "Z")
 
 
 @dataclass(frozen=True)
@@ -171,7 +167,7 @@ class Store:
     # --- VMs -----------------------------------------------------------------------------
 
     def create(self, doc: VmDocument) -> VmRecord:
-        now = _now()
+        now = now_iso()
         text = _dump(doc)
         with self._tx() as db:
             if db.execute("SELECT 1 FROM vms WHERE name = ?", (doc.name,)).fetchone():
@@ -234,7 +230,7 @@ class Store:
                 db.execute(
                     "UPDATE vms SET document = ?, generation = ?, resource_version = ?, "
                     "updated = ? WHERE name = ?",
-                    (text, generation + 1, self._next_version(db), _now(), doc.name),
+                    (text, generation + 1, self._next_version(db), now_iso(), doc.name),
                 )
         return self.get(doc.name)
 
@@ -256,7 +252,7 @@ class Store:
     # --- events ----------------------------------------------------------------------------
 
     def add_event(self, vm: str, kind: str, data: dict[str, Any]) -> StoredEvent:
-        ts = str(data.get("time") or _now())
+        ts = str(data.get("time") or now_iso())
         body = {k: v for k, v in data.items() if k not in ("time", "vm", "event")}
         with self._tx() as db:
             cur = db.execute(
