@@ -220,13 +220,15 @@ def test_default_policy_allows_no_extra_args() -> None:
 
 def test_listed_flags_pass_and_values_need_no_listing() -> None:
     policy = HostPolicy.model_validate({"argsAllowlist": ["-device", "-global"]})
-    doc = _doc({"extraArgs": ["-device", "usb-kbd,id=kbd0", "-global", "kvm-pit.x=y"]})
+    doc = _doc({"extraArgs": ["-device", "usb-kbd,id=kbd0", "-global", "usb-tablet.port=1"]})
     check_policy(doc, policy)
 
 
 def test_every_flag_must_be_listed() -> None:
     policy = HostPolicy.model_validate({"argsAllowlist": ["-device"]})
-    doc = _doc({"extraArgs": ["-device", "usb-kbd", "-chardev", "x", "--device", "y", "-device"]})
+    doc = _doc(
+        {"extraArgs": ["-device", "usb-kbd", "-chardev", "x", "--device", "usb-kbd", "-device"]}
+    )
     refusals = _refusals(doc, policy)
     assert set(refusals) == {"spec.vm.extraArgs[2]", "spec.vm.extraArgs[4]"}
     assert refusals["spec.vm.extraArgs[2]"] == (
@@ -243,8 +245,8 @@ def test_allowlist_matches_whole_arguments_only() -> None:
 
 
 def test_values_after_an_allowed_option_need_no_listing() -> None:
-    policy = HostPolicy.model_validate({"argsAllowlist": ["-device", "-smbios"]})
-    doc = _doc({"extraArgs": ["-device", "a,b=c", "-smbios", " -x", "-device", "/abs/path"]})
+    policy = HostPolicy.model_validate({"argsAllowlist": ["-device", "-k", "-rtc"]})
+    doc = _doc({"extraArgs": ["-device", "usb-kbd", "-k", "de", "-rtc", "base=utc"]})
     check_policy(doc, policy)
 
 
@@ -254,7 +256,7 @@ def test_values_after_an_allowed_option_need_no_listing() -> None:
         (["/etc/shadow"], [0]),
         (["usb-kbd"], [0]),
         (["-device", "usb-kbd", "/outside/disk.img"], [2]),
-        (["x", "-device", "y", "z"], [0, 3]),
+        (["x", "-device", "usb-tablet", "z"], [0, 3]),
     ],
 )
 def test_a_value_that_follows_no_option_is_refused(args: list[str], stray: list[int]) -> None:

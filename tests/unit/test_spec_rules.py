@@ -567,12 +567,37 @@ def test_cdrom_with_empty_image_is_a_drive_without_media() -> None:
     assert full.cdrom is not None and full.cdrom.image == "/a.iso"
 
 
-def test_cdrom_image_is_required_and_no_url() -> None:
+def test_cdrom_image_is_required_and_only_http_urls() -> None:
     assert _vm_issue({"disks": [{"cdrom": {}}]}) == ("spec.vm.disks[0].cdrom.image", "is required")
-    assert _vm_issue({"disks": [{"cdrom": {"image": "https://example.org/x.iso"}}]}) == (
-        "spec.vm.disks[0].cdrom.image",
-        "must be a host path; import remote images with `corral image import`",
+    for url in ("ftp://example.org/x.iso", "file:///etc/shadow", "nbd://127.0.0.1:1/x"):
+        assert _vm_issue({"disks": [{"cdrom": {"image": url}}]}) == (
+            "spec.vm.disks[0].cdrom.image",
+            "must be a host path or an http(s):// URL; no other URL schemes",
+        )
+    doc = parse_document(_doc({"disks": [{"cdrom": {"image": "https://example.org/x.iso"}}]}))
+    assert doc.vm.disks[0].cdrom is not None
+    assert doc.vm.disks[0].cdrom.image == "https://example.org/x.iso"
+
+
+def test_cdrom_url_is_never_mangled_into_a_path(tmp_path: Path) -> None:
+    """Security 13: VM-Operator's ``image: https://...`` used to become ``<dir>/https:/...``."""
+    file = tmp_path / "vm.yaml"
+    file.write_text(
+        "metadata: {name: u}\nspec:\n  vm:\n    disks:\n"
+        "      - cdrom: {image: https://test.com/test.iso}\n      - cdrom: {image: image.iso}\n"
     )
+    doc = load_document_file(file)
+    images = [d.cdrom.image for d in doc.vm.disks if d.cdrom is not None]
+    assert images == ["https://test.com/test.iso", str(tmp_path.resolve() / "image.iso")]
+
+
+def test_bridge_helper_is_not_a_document_field() -> None:
+    """Security 1: the helper string reached qemu, which ran it through /bin/sh -c as root."""
+    loc, reason = _vm_issue(
+        {"networks": [{"bridge": {"name": "br0", "helper": "/bin/sh -c 'id > /tmp/owned' #"}}]}
+    )
+    assert loc == "spec.vm.networks[0].bridge.helper"
+    assert "host policy" in reason
 
 
 def test_cdrom_interface() -> None:
@@ -1076,7 +1101,7 @@ spec:
       - cdrom: {image: ""}
     networks:
       - vde: {socket: vde.ctl}
-      - bridge: {name: br0, helper: helpers/qemu-bridge-helper}
+      - bridge: {name: br0}
       - tap: {bridge: br0}
 """
     )
@@ -1095,7 +1120,7 @@ spec:
     assert cds == [f"{base}/isos/install.iso", ""]
     assert vm.networks[0].vde is not None and vm.networks[0].vde.socket == f"{base}/vde.ctl"
     bridge = vm.networks[1].bridge
-    assert bridge is not None and bridge.helper == f"{base}/helpers/qemu-bridge-helper"
+    assert bridge is not None and bridge.name == "br0"
     assert vm.networks[2].tap is not None and vm.networks[2].tap.bridge == "br0"
     runner = doc.runner
     assert runner is not None

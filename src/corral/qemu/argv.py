@@ -35,8 +35,10 @@ from corral.spec.models import (
     MachineType,
     VmDocument,
     default_uuid,
+    is_remote_image,
     stable_mac,
 )
+from corral.spec.policy import DEFAULT_BRIDGE_HELPER
 
 __all__ = ["FirmwareFiles", "RenderContext", "build_view", "render_argv"]
 
@@ -58,7 +60,8 @@ class RenderContext:
     decided (accelerator, firmware files), and how the runner wants qemu started.
 
     ``accelerator`` is already resolved (``kvm`` or ``tcg``): resolving ``auto`` needs a host
-    probe, which belongs to the caller.
+    probe, which belongs to the caller. ``bridge_helper``, ``sandbox`` (the ``-sandbox``
+    options, None: off) and ``run_as`` (the user qemu drops to) are host policy.
     """
 
     runtime_dir: str
@@ -73,6 +76,9 @@ class RenderContext:
     tsc_khz: int | None = None
     tcg_tb_size: int | None = None
     template_dirs: Sequence[str] = ()
+    bridge_helper: str = DEFAULT_BRIDGE_HELPER
+    sandbox: Mapping[str, OptionValue] | None = None
+    run_as: str | None = None
 
     def runtime(self, name: str) -> str:
         return str(Path(self.runtime_dir) / name)
@@ -163,15 +169,20 @@ def build_view(doc: VmDocument, ctx: RenderContext) -> dict[str, Any]:
             "cache": {},
             "write_cache": True,
             "discard": None,
+            "location": "filename",
         }
         if disk.cdrom is not None:
             iface = disk.cdrom.interface or ("ide" if vm.machine is MachineType.PC else "scsi")
+            image = disk.cdrom.image or None
+            remote = is_remote_image(image)
             entry.update(
                 kind="cdrom",
                 interface=iface,
-                path=disk.cdrom.image or None,
+                path=image,
                 format="raw",
-                driver="file",
+                # qemu's curl driver (Debian: qemu-block-extra) for VM-Operator's URLs
+                driver=image.split(":", 1)[0].lower() if image and remote else "file",
+                location="url" if remote else "filename",
                 read_only=True,
             )
         elif disk.file is not None:
@@ -266,9 +277,10 @@ def build_view(doc: VmDocument, ctx: RenderContext) -> dict[str, Any]:
         elif net.tap is not None:
             entry["ifname"] = net.tap.ifname
             entry["bridge"] = net.tap.bridge
+            entry["helper"] = ctx.bridge_helper
         elif net.bridge is not None:
             entry["bridge"] = net.bridge.name
-            entry["helper"] = net.bridge.helper
+            entry["helper"] = ctx.bridge_helper
         elif net.vde is not None:
             entry["socket"] = net.vde.socket
             entry["port"] = net.vde.port
@@ -336,6 +348,8 @@ def build_view(doc: VmDocument, ctx: RenderContext) -> dict[str, Any]:
         "console_socket": ctx.runtime("console.sock"),
         "console_log": ctx.runtime("console.log"),
         "pidfile": ctx.runtime("qemu.pid"),
+        "sandbox": dict(ctx.sandbox) if ctx.sandbox is not None else None,
+        "run_as": ctx.run_as,
         "paused": ctx.paused,
         "no_shutdown": ctx.no_shutdown,
         "disks": disks,

@@ -15,6 +15,7 @@ KVM enabled, yet ordinary guests die minutes later with "KVM internal error". So
 
 from __future__ import annotations
 
+import functools
 import json
 import os
 import re
@@ -39,6 +40,7 @@ __all__ = [
     "qemu_version",
     "resolve_accelerator",
     "run_boot_probe",
+    "supports_option",
 ]
 
 FIRMWARE_DIRS = (
@@ -79,6 +81,24 @@ def qemu_version(emulator: str) -> tuple[int, int, int]:
         raise HostError(f"cannot read the version of {emulator}: {out.strip()[:200]!r}")
     major, minor, micro = match.groups()
     return int(major), int(minor), int(micro or 0)
+
+
+@functools.lru_cache(maxsize=8)
+def _options(emulator: str, mtime: float) -> frozenset[str]:
+    out = subprocess.run(
+        [emulator, "-help"], capture_output=True, text=True, timeout=20, check=False
+    ).stdout
+    return frozenset(m.group(1) for m in re.finditer(r"^(-[a-z][a-z0-9_-]*)", out, re.M))
+
+
+def supports_option(emulator: str, option: str) -> bool:
+    """Whether this qemu build has ``option`` (``-sandbox`` needs libseccomp), from ``-help``;
+    cached per binary and modification time."""
+    try:
+        mtime = os.stat(emulator).st_mtime
+    except OSError:
+        return False
+    return option in _options(emulator, mtime)
 
 
 def _help_list(emulator: str, option: str) -> list[str]:

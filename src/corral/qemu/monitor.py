@@ -90,6 +90,20 @@ class Monitor:
         except (QMPError, OSError, TimeoutError) as exc:
             raise QemuError(f"{command}: QMP connection failed: {exc!r}") from exc
 
+    async def add_fd(self, fd: int, opaque: str = "") -> int:
+        """Hand qemu an open file (SCM_RIGHTS + ``add-fd``); returns the fdset id, so qemu
+        opens ``/dev/fdset/ID``. qemu runs unprivileged (``-runas``) and cannot open the
+        host files a running VM needs later (a CD inserted live) by itself."""
+        try:
+            self._client.send_fd_scm(fd)
+        except (QMPError, OSError) as exc:
+            raise QemuError(f"add-fd: cannot pass a file to qemu: {exc!r}") from exc
+        result = await self.execute("add-fd", {"opaque": opaque} if opaque else None)
+        fdset = result.get("fdset-id") if isinstance(result, dict) else None
+        if not isinstance(fdset, int):
+            raise QemuError(f"add-fd: unexpected answer {result!r}")
+        return fdset
+
     async def query(self, command: str, arguments: Mapping[str, object] | None = None) -> object:
         return await self.execute(command, arguments)
 

@@ -12,6 +12,8 @@ from __future__ import annotations
 
 from collections.abc import Iterable, Mapping
 
+from corral.spec.optstring import split_options
+
 __all__ = ["escape", "qopts", "split_options"]
 
 OptionValue = str | int | bool | None
@@ -58,28 +60,3 @@ def qopts(
             continue
         parts.append(f"{key}={_fmt(value)}")
     return ",".join(parts)
-
-
-def split_options(text: str) -> list[str]:
-    """QEMU's own parsing of an option string: split at single commas, unescape ``,,``.
-
-    Used by tests (and by anyone checking a rendered argv) to see exactly the options qemu
-    will see.
-    """
-    parts: list[str] = []
-    current: list[str] = []
-    i = 0
-    while i < len(text):
-        ch = text[i]
-        if ch == ",":
-            if i + 1 < len(text) and text[i + 1] == ",":
-                current.append(",")
-                i += 2
-                continue
-            parts.append("".join(current))
-            current = []
-        else:
-            current.append(ch)
-        i += 1
-    parts.append("".join(current))
-    return parts

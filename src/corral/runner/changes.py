@@ -8,7 +8,9 @@ else that differs is *pending restart*: reported in the status and applied on th
 
 from __future__ import annotations
 
+import os
 import re
+import stat
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -60,26 +62,54 @@ class DisplaySecret:
     expiry: str | None
 
 
+_SECRET_MAX = 4096
+
+
+def _read_small(path: Path, field: str) -> str | None:
+    """A small regular file's text, read without blocking; None if it does not exist.
+
+    The secret's path may be a document's (``corral run``): a FIFO would block the event
+    loop, ``/dev/zero`` would never end. Only a regular file of at most 4 KiB is read."""
+    try:
+        fd = os.open(path, os.O_RDONLY | os.O_NONBLOCK | os.O_NOCTTY | os.O_CLOEXEC)
+    except FileNotFoundError:
+        return None
+    except OSError as exc:
+        raise SpecError.single(field, f"cannot open {path}: {exc.strerror}") from exc
+    try:
+        info = os.fstat(fd)
+        if not stat.S_ISREG(info.st_mode):
+            raise SpecError.single(field, f"{path} is not a regular file")
+        if info.st_size > _SECRET_MAX:
+            raise SpecError.single(field, f"{path} is larger than {_SECRET_MAX} bytes")
+        return os.read(fd, _SECRET_MAX).decode("utf-8", errors="replace")
+    finally:
+        os.close(fd)
+
+
 def read_display_secret(path: Path | None) -> DisplaySecret:
     """The display password (and expiry) from the runner's display secret.
 
     ``path`` is a file holding the password (first line), or a directory laid out like
     VM-Operator's mounted secret: ``display-password`` and, optionally, ``password-expiry``
-    (``+SECONDS``, a unix time, ``never`` or ``now``).
+    (``+SECONDS``, a unix time, ``never`` or ``now``). Files are read without blocking and
+    only if they are small regular files (see :func:`_read_small`).
     """
     if path is None or not path.exists():
         return DisplaySecret(None, None)
+    field = "runner.displaySecretFile"
     if path.is_dir():
         pw_file, expiry_file = path / "display-password", path / "password-expiry"
     else:
         pw_file, expiry_file = path, None
-    password = pw_file.read_text().splitlines()[0] if pw_file.exists() else None
+    text = _read_small(pw_file, field)
+    password = text.splitlines()[0] if text else None
     expiry = None
-    if expiry_file is not None and expiry_file.exists():
-        expiry = expiry_file.read_text().strip() or None
+    if expiry_file is not None:
+        expiry = (_read_small(expiry_file, field) or "").strip() or None
         if expiry is not None and not _EXPIRY.match(expiry):
             raise SpecError.single(
-                "runner.displaySecretFile",
+                field,
                 f"password-expiry {expiry!r} must be +SECONDS, a unix time, 'never' or 'now'",
             )
     return DisplaySecret(password or None, expiry)

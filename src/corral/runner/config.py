@@ -11,20 +11,41 @@ explicit arguments (CLI flags) override the document.
 from __future__ import annotations
 
 import os
+import pwd
 import uuid
+from collections.abc import Sequence
 from dataclasses import dataclass
 from pathlib import Path
 
+from corral.errors import FieldIssue, PolicyError
+from corral.host.chain import chain_issues
 from corral.qemu.argv import RenderContext, render_argv
 from corral.qemu.fingerprint import (
     find_emulator,
     firmware_for,
     host_tsc_khz,
     resolve_accelerator,
+    supports_option,
 )
 from corral.spec import HostPolicy, VmDocument, check_policy
 
-__all__ = ["RunnerPaths", "render_for_host", "resolve_paths"]
+__all__ = [
+    "RunnerPaths",
+    "check_host",
+    "needs_bridge_helper",
+    "render_for_host",
+    "resolve_paths",
+    "resolve_run_as",
+    "sandbox_options",
+]
+
+_SANDBOX: dict[str, str | bool] = {
+    "obsolete": "deny",
+    # qemu's -runas is itself a setuid/setgid call; once dropped, nothing can go back to root
+    "elevateprivileges": "allow",
+    "spawn": "deny",
+    "resourcecontrol": "deny",
+}
 
 
 @dataclass(frozen=True)
@@ -102,6 +123,61 @@ def machine_uuid(doc: VmDocument, paths: RunnerPaths) -> uuid.UUID | None:
         return None
 
 
+def check_host(
+    doc: VmDocument,
+    policy: HostPolicy,
+    emulator: str | None = None,
+    *,
+    forbidden: Sequence[str] = (),
+    read_only_ok: Sequence[str] = (),
+) -> None:
+    """The host policy, then every file behind every disk (backing chains, data files):
+    raises one :class:`PolicyError` listing every issue. Run at admission and again right
+    before anything opens a disk (files change between the two)."""
+    issues: list[FieldIssue] = []
+    try:
+        check_policy(doc, policy, emulator=emulator)
+    except PolicyError as exc:
+        issues += exc.issues
+    issues += chain_issues(doc, policy, forbidden=forbidden, read_only_ok=read_only_ok)
+    if issues:
+        raise PolicyError.of(issues)
+
+
+def resolve_run_as(name: str | None) -> str | None:
+    """The user qemu drops to: the policy's user, else ``nobody``; None when this process is
+    not root (it has nothing to drop) or the policy says to stay root."""
+    if name is None or os.geteuid() != 0:
+        return None
+    for candidate in (name, "nobody"):
+        try:
+            pwd.getpwnam(candidate)
+        except KeyError:
+            continue
+        return candidate
+    return None
+
+
+def needs_bridge_helper(doc: VmDocument) -> bool:
+    """Whether qemu runs the setuid bridge helper for this VM (a tap on a bridge)."""
+    return any(
+        n.bridge is not None or (n.tap is not None and n.tap.ifname is None)
+        for n in doc.vm.networks
+    )
+
+
+def sandbox_options(doc: VmDocument, policy: HostPolicy, emulator: str) -> dict[str, str | bool]:
+    """qemu's seccomp sandbox options for this VM; empty when it is off.
+
+    Off when the policy says so, when this qemu has no ``-sandbox`` (built without seccomp),
+    or when the VM has a bridge network: seccomp sets no_new_privs, so the setuid bridge
+    helper qemu runs could not create the tap.
+    """
+    if not policy.sandbox or needs_bridge_helper(doc) or not supports_option(emulator, "-sandbox"):
+        return {}
+    return dict(_SANDBOX)
+
+
 def render_for_host(
     doc: VmDocument,
     paths: RunnerPaths,
@@ -113,9 +189,10 @@ def render_for_host(
 ) -> list[str]:
     """Check the host policy, resolve the accelerator and firmware, and render the argv.
 
-    Raises ``PolicyError`` before anything else if the policy refuses the document.
+    Raises ``PolicyError`` before anything else if the policy refuses the document or a file
+    behind one of its disks.
     """
-    check_policy(doc, policy, emulator=paths.emulator)
+    check_host(doc, policy, paths.emulator)
     emulator = find_emulator(paths.emulator)
     accel = accelerator or resolve_accelerator(doc.vm.accelerator.value, emulator)
     firmware = (
@@ -132,5 +209,8 @@ def render_for_host(
         no_shutdown=no_shutdown,
         tsc_khz=host_tsc_khz(),
         template_dirs=tuple(policy.template_dirs),
+        bridge_helper=policy.bridge_helper,
+        sandbox=sandbox_options(doc, policy, emulator) or None,
+        run_as=resolve_run_as(policy.run_as),
     )
     return render_argv(doc, ctx, emulator=emulator)

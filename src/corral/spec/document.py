@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import json
 import os
+import re
 from collections.abc import Mapping
 from pathlib import Path
 from typing import Any
@@ -123,6 +124,7 @@ def load_document_file(path: str | os.PathLike[str]) -> VmDocument:
     return load_document(text, base_dir=file.resolve().parent, source=str(file))
 
 
+_URL = re.compile(r"^[A-Za-z][A-Za-z0-9+.-]*://")
 _PATH_KEYS = {
     ("file", "path"),
     ("file", "image"),
@@ -131,7 +133,6 @@ _PATH_KEYS = {
     ("vm", "kernel"),
     ("vm", "initrd"),
     ("vde", "socket"),
-    ("bridge", "helper"),
     ("runner", "dataDir"),
     ("runner", "runtimeDir"),
     ("runner", "statusFile"),
@@ -151,6 +152,7 @@ def _resolve_paths(data: dict[str, Any], base: Path) -> dict[str, Any]:
                     and value
                     and (parent, key) in _PATH_KEYS
                     and not os.path.isabs(value)
+                    and not _URL.match(value)
                 ):
                     out[key] = str(base / value)
                 else:

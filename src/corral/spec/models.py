@@ -50,6 +50,7 @@ __all__ = [
     "VmDocument",
     "VmSpec",
     "VncDisplay",
+    "is_remote_image",
 ]
 
 DNS1123_LABEL = re.compile(r"^[a-z0-9]([-a-z0-9]{0,61}[a-z0-9])?$")
@@ -180,18 +181,31 @@ class CpuTopology(_Model):
 # --- disks ---------------------------------------------------------------------------------
 
 
+_URL = re.compile(r"^[A-Za-z][A-Za-z0-9+.-]*://")
+
+
+def is_remote_image(image: str | None) -> bool:
+    """An ``http://``/``https://`` URL (VM-Operator's cdrom images), not a host path."""
+    return bool(image) and re.match(r"^https?://", image or "", re.IGNORECASE) is not None
+
+
 class CdromDisk(_Model):
-    """A CD drive. ``image: ""`` is a drive with no media (insert one later, live)."""
+    """A CD drive. ``image: ""`` is a drive with no media (insert one later, live).
+
+    ``image`` is a host path, or an ``http(s)://`` URL that qemu reads with its curl driver
+    when the host policy allows remote images (``remoteImages``)."""
 
     image: Text
     interface: Literal["ide", "scsi"] | None = None
 
     @model_validator(mode="after")
-    def _no_urls(self) -> Self:
-        if re.match(r"^[a-z][a-z0-9+.-]*://", self.image):
+    def _no_other_urls(self) -> Self:
+        if _URL.match(self.image) and not is_remote_image(self.image):
             raise _field_error(
-                "image", "must be a host path; import remote images with `corral image import`"
+                "image", "must be a host path or an http(s):// URL; no other URL schemes"
             )
+        if is_remote_image(self.image) and any(c in self.image for c in " \n\r\t"):
+            raise _field_error("image", "a URL cannot contain whitespace")
         return self
 
 
@@ -345,10 +359,25 @@ class UserNetwork(_Nic):
 
 
 class BridgeNetwork(_Nic):
-    """A tap created by qemu-bridge-helper on ``name`` (the helper's ACL must allow it)."""
+    """A tap created by the host's bridge helper on ``name`` (the helper's ACL must allow it).
+
+    The helper is host policy (``bridgeHelper`` in host.yaml), never a document string: qemu
+    runs it as root, through ``/bin/sh -c`` when it has a space in it."""
 
     name: Annotated[str, Field(pattern=_IFNAME.pattern)]
-    helper: PathStr | None = None
+    helper: Text | None = Field(
+        default=None, description="refused: the bridge helper is host policy (bridgeHelper)"
+    )
+
+    @model_validator(mode="after")
+    def _no_helper(self) -> Self:
+        if self.helper is not None:
+            raise _field_error(
+                "helper",
+                "the bridge helper is host policy, not part of a VM document: remove it "
+                "(set bridgeHelper in /etc/corral/host.yaml)",
+            )
+        return self
 
 
 class VdeNetwork(_Nic):

@@ -6,25 +6,39 @@ the qemu options ``extraArgs`` may use (every argument starting with ``-`` must 
 default allows none; any other argument must directly follow an option, because qemu opens a
 stray value as a disk image); ``emulators`` lists the qemu binaries a runner may execute.
 
+``deviceAllowlist`` narrows an allowlisted ``-device``/``-global`` further, to device drivers
+and the properties each may set: ``-device loader,file=/etc/shadow`` or ``romfile=`` would hand
+a host file to the guest, ``vfio-pci``/``usb-host`` a host device. Values of any other
+allowlisted option may not name host files either (``file=``, ``path=``...).
+
+Programs and defence in depth are host policy too, never document strings: ``bridgeHelper``
+(the setuid helper qemu runs for bridge networks), ``sandbox`` (qemu's seccomp filter) and
+``runAs`` (the unprivileged user qemu drops to).
+
 A missing policy file means the defaults below: any image path, no extra args, the standard
-emulator. Hosts shared between users should ship ``/etc/corral/host.yaml``.
+emulator, Debian's bridge helper, the sandbox on, qemu as ``corral-qemu`` (or ``nobody``).
+Hosts shared between users should ship ``/etc/corral/host.yaml``.
 """
 
 from __future__ import annotations
 
 import os
+import re
 from pathlib import Path
 
 import yaml
-from pydantic import BaseModel, ConfigDict, Field, ValidationError
+from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator
 from pydantic.alias_generators import to_camel
 
 from corral.errors import FieldIssue, PolicyError, SpecError
 from corral.spec.document import issues_from_validation
-from corral.spec.models import VmDocument
+from corral.spec.models import VmDocument, is_remote_image
+from corral.spec.optstring import split_options
 from corral.spec.sizes import ByteSize
 
 __all__ = [
+    "DEFAULT_BRIDGE_HELPER",
+    "DEFAULT_DEVICE_ALLOWLIST",
     "DEFAULT_POLICY_FILE",
     "HostPolicy",
     "check_policy",
@@ -33,6 +47,58 @@ __all__ = [
 ]
 
 DEFAULT_POLICY_FILE = Path("/etc/corral/host.yaml")
+DEFAULT_BRIDGE_HELPER = "/usr/lib/qemu/qemu-bridge-helper"
+
+_COMMON_PROPS = ["id", "bus", "addr"]
+DEFAULT_DEVICE_ALLOWLIST: dict[str, list[str]] = {
+    # input and small emulated devices that touch no host resource
+    "usb-tablet": ["id", "bus", "port"],
+    "usb-kbd": ["id", "bus", "port"],
+    "usb-mouse": ["id", "bus", "port"],
+    "virtio-keyboard-pci": _COMMON_PROPS,
+    "virtio-mouse-pci": _COMMON_PROPS,
+    "virtio-tablet-pci": _COMMON_PROPS,
+    "qemu-xhci": [*_COMMON_PROPS, "p2", "p3"],
+    "usb-ehci": _COMMON_PROPS,
+    "i6300esb": _COMMON_PROPS,
+    "pvpanic": ["id", "ioport"],
+    "intel-hda": _COMMON_PROPS,
+    "hda-duplex": ["id", "bus", "cad"],
+    "virtio-serial-pci": [*_COMMON_PROPS, "max_ports"],
+}
+"""Drivers an allowlisted ``-device``/``-global`` may name by default, with their properties.
+
+Never in it: ``loader``, anything with ``romfile``/``file``/``drive``/``chardev``/``netdev``
+properties, host pass-through (``vfio-pci``, ``usb-host``, ``vhost-*``), ``ivshmem``."""
+
+# Option keys that name a host file, device, socket or program: refused in the values of any
+# allowlisted option, whatever the policy says (use a disk, a cdrom or a network instead).
+_HOST_RESOURCE_KEYS = frozenset(
+    {
+        "file", "filename", "path", "romfile", "sock", "socket", "script", "downscript",
+        "helper", "fd", "fds", "vhostfd", "vhostfds", "sysfsdev", "host", "hostbus",
+        "hostaddr", "hostport", "hostdevice", "kernel", "initrd", "dtb", "bios", "data",
+        "logfile", "mem-path", "share", "chardev", "netdev", "drive", "memdev", "rng",
+        "tpmdev", "iothread", "x-vfio-user-server", "url", "addr.path", "dir", "mount_tag",
+        "fsdev",
+    }
+)  # fmt: skip
+_KEY_PREFIXES = ("file.", "backing.", "data-file", "server.", "addr.")
+_UNSAFE_OPTIONS = frozenset(
+    {
+        "-drive", "-hda", "-hdb", "-hdc", "-hdd", "-cdrom", "-fda", "-fdb", "-mtdblock",
+        "-sd", "-pflash", "-blockdev", "-chardev", "-netdev", "-net", "-object", "-fsdev",
+        "-virtfs", "-fw_cfg", "-smbios", "-acpitable", "-add-fd", "-loadvm", "-incoming",
+        "-monitor", "-qmp", "-qmp-pretty", "-mon", "-serial", "-parallel", "-debugcon",
+        "-pidfile", "-daemonize", "-runas", "-chroot", "-sandbox", "-D", "-d", "-trace",
+        "-kernel", "-initrd", "-dtb", "-bios", "-L", "-readconfig", "-writeconfig",
+        "-plugin", "-semihosting-config", "-gdb", "-s", "-S", "-usbdevice", "-tpmdev",
+        "-spice", "-vnc", "-display", "-audiodev", "-machine", "-M",
+        "-accel", "-mem-path", "-option-rom", "-run-with", "-mem-prealloc", "-icount",
+    }
+)  # fmt: skip
+"""Options that open host files, sockets or programs, or undo corral's own setup: refused in
+``extraArgs`` even when a policy lists them (the VM document has a field for each real need)."""
 
 
 class HostPolicy(BaseModel):
@@ -48,6 +114,42 @@ class HostPolicy(BaseModel):
     template_dirs: list[str] = Field(default_factory=list)
     max_cpus_per_vm: int | None = Field(default=None, ge=1)
     max_ram_per_vm: ByteSize | None = None
+    device_allowlist: dict[str, list[str]] = Field(
+        default_factory=lambda: {k: list(v) for k, v in DEFAULT_DEVICE_ALLOWLIST.items()},
+        description="drivers an allowlisted -device/-global may name, with their properties",
+    )
+    bridge_helper: str = Field(
+        default=DEFAULT_BRIDGE_HELPER,
+        description="the helper qemu runs to attach a tap to a bridge (never from a document)",
+    )
+    vde_sockets: list[str] | None = Field(
+        default=None, description="allowed directories for vde switch sockets; null means any"
+    )
+    remote_images: bool = Field(
+        default=False,
+        description="allow http(s) URLs as cdrom images (qemu's curl driver fetches them)",
+    )
+    sandbox: bool = Field(default=True, description="qemu's seccomp sandbox (-sandbox on,...)")
+    run_as: str | None = Field(
+        default="corral-qemu",
+        description="user qemu drops to after opening its files (nobody if missing); null: "
+        "stay root",
+    )
+
+    @field_validator("bridge_helper")
+    @classmethod
+    def _helper_is_a_program(cls, value: str) -> str:
+        # qemu runs a helper with a space in it through /bin/sh -c: only a plain path here
+        if not os.path.isabs(value) or re.search(r"[\s,;'\"`$|&<>()\\*?\[\]{}~!#]", value):
+            raise ValueError("must be an absolute path with no spaces or shell characters")
+        return value
+
+    @field_validator("run_as")
+    @classmethod
+    def _user_name(cls, value: str | None) -> str | None:
+        if value is not None and not re.fullmatch(r"[a-z_][a-z0-9_-]{0,31}\$?", value):
+            raise ValueError("must be a user name")
+        return value
 
 
 def load_policy(path: str | os.PathLike[str] | None = None) -> HostPolicy:
@@ -93,7 +195,7 @@ def _document_paths(doc: VmDocument) -> list[tuple[str, str]]:
                 paths.append((f"{where}.file.image", disk.file.image))
         if disk.device is not None:
             paths.append((f"{where}.device.path", disk.device.path))
-        if disk.cdrom is not None and disk.cdrom.image:
+        if disk.cdrom is not None and disk.cdrom.image and not is_remote_image(disk.cdrom.image):
             paths.append((f"{where}.cdrom.image", disk.cdrom.image))
     if vm.kernel is not None:
         paths.append(("spec.vm.kernel", vm.kernel))
@@ -117,26 +219,30 @@ def check_policy(doc: VmDocument, policy: HostPolicy, emulator: str | None = Non
                         f"allowed image paths {policy.image_paths}",
                     )
                 )
-    allowed_args = set(policy.args_allowlist)
-    after_flag = False
-    for i, arg in enumerate(doc.vm.extra_args):
-        if arg.startswith("-") and arg not in allowed_args:
+    issues += _check_extra_args(doc.vm.extra_args, policy)
+    for i, disk in enumerate(doc.vm.disks):
+        image = disk.cdrom.image if disk.cdrom is not None else ""
+        if is_remote_image(image) and not policy.remote_images:
             issues.append(
                 FieldIssue(
-                    f"spec.vm.extraArgs[{i}]",
-                    f"{arg!r} is not in the host's argsAllowlist "
-                    f"({sorted(allowed_args) or 'empty: no extra args allowed'})",
+                    f"spec.vm.disks[{i}].cdrom.image",
+                    f"{image!r}: this host does not fetch remote images (remoteImages: false); "
+                    "import it with `corral image import` and use a local path",
                 )
             )
-        elif not arg.startswith("-") and not after_flag:
-            # qemu takes a value that follows no option as a disk image (-hda)
+    for i, net in enumerate(doc.vm.networks):
+        if net.vde is None:
+            continue
+        sock = net.vde.socket
+        if not os.path.isabs(sock):
+            issues.append(FieldIssue(f"spec.vm.networks[{i}].vde.socket", "must be absolute"))
+        elif policy.vde_sockets is not None and not path_within(sock, policy.vde_sockets):
             issues.append(
                 FieldIssue(
-                    f"spec.vm.extraArgs[{i}]",
-                    f"{arg!r} follows no option: qemu would open it as a disk image",
+                    f"spec.vm.networks[{i}].vde.socket",
+                    f"{sock!r} is outside the host's vdeSockets {policy.vde_sockets}",
                 )
             )
-        after_flag = arg.startswith("-")
     chosen = emulator or (doc.runner.emulator if doc.runner else None)
     if chosen is not None and not _emulator_allowed(chosen, policy.emulators):
         issues.append(
@@ -156,6 +262,109 @@ def check_policy(doc: VmDocument, policy: HostPolicy, emulator: str | None = Non
         issues.append(FieldIssue("spec.vm.maximumRam", "is more than this host allows per VM"))
     if issues:
         raise PolicyError.of(issues)
+
+
+def _check_extra_args(args: list[str], policy: HostPolicy) -> list[FieldIssue]:
+    """Each option listed in ``argsAllowlist`` and not one that opens host resources; each
+    value right after its option; ``-device``/``-global`` values within ``deviceAllowlist``;
+    other values naming no host file, socket or program."""
+    allowed = set(policy.args_allowlist)
+    issues: list[FieldIssue] = []
+    option: str | None = None
+    refused = False
+    for i, arg in enumerate(args):
+        loc = f"spec.vm.extraArgs[{i}]"
+        if arg.startswith("-") and not _is_number(arg):
+            option, refused = "-" + arg.lstrip("-"), True
+            if arg not in allowed:
+                issues.append(
+                    FieldIssue(
+                        loc,
+                        f"{arg!r} is not in the host's argsAllowlist "
+                        f"({sorted(allowed) or 'empty: no extra args allowed'})",
+                    )
+                )
+            elif option in _UNSAFE_OPTIONS:
+                issues.append(
+                    FieldIssue(
+                        loc,
+                        f"{arg!r} opens host files, sockets or programs or undoes corral's own "
+                        "setup; it is refused even when allowlisted (use the VM document's "
+                        "fields for disks, networks and displays)",
+                    )
+                )
+            else:
+                refused = False
+            continue
+        if option is None:
+            # qemu takes a value that follows no option as a disk image (-hda)
+            issues.append(
+                FieldIssue(loc, f"{arg!r} follows no option: qemu would open it as a disk image")
+            )
+            continue
+        reason = None if refused else _value_problem(option, arg, policy.device_allowlist)
+        if reason is not None:
+            issues.append(FieldIssue(loc, reason))
+        option = None
+    return issues
+
+
+def _is_number(arg: str) -> bool:
+    return re.fullmatch(r"-\d+(\.\d+)?", arg) is not None
+
+
+def _value_problem(option: str, value: str, devices: dict[str, list[str]]) -> str | None:
+    if value.lstrip().startswith("{"):
+        return f"{option} {value[:40]!r}: JSON option syntax is not accepted in extraArgs"
+    parts = split_options(value)
+    if option in ("-device", "-global"):
+        return _device_problem(option, parts, devices)
+    for part in parts:
+        key = part.partition("=")[0].strip().lower()
+        if "=" in part and (key in _HOST_RESOURCE_KEYS or key.startswith(_KEY_PREFIXES)):
+            return (
+                f"{option} {key}=...: names a host file, device, socket or program, which "
+                "extraArgs may never do"
+            )
+    return None
+
+
+def _device_problem(option: str, parts: list[str], devices: dict[str, list[str]]) -> str | None:
+    """``-device DRIVER,prop=v`` / ``-global DRIVER.prop=v`` (or ``driver=,property=``)."""
+    props: dict[str, str] = {}
+    driver: str | None = None
+    for n, part in enumerate(parts):
+        key, sep, val = part.partition("=")
+        if not sep and n == 0:
+            driver = key
+        elif not sep:
+            return f"{option} option {part!r} has no value"
+        else:
+            props[key.strip()] = val
+    if option == "-global":
+        if "driver" in props and "property" in props:
+            driver, names = props["driver"], [props["property"]]
+        elif len(props) == 1 and driver is None:
+            dotted = next(iter(props))
+            driver, _, prop = dotted.rpartition(".")
+            names = [prop]
+        else:
+            return "-global must be DRIVER.PROPERTY=VALUE"
+    else:
+        driver = props.pop("driver", driver)
+        names = list(props)
+    if not driver or driver not in devices:
+        return (
+            f"{option} driver {driver!r} is not in the host's deviceAllowlist "
+            f"({sorted(devices) or 'empty'})"
+        )
+    refused = [p for p in names if p not in devices[driver]]
+    if refused:
+        return (
+            f"{option} {driver}: properties {refused} are not allowed for it by the host's "
+            f"deviceAllowlist (allowed: {devices[driver]})"
+        )
+    return None
 
 
 def _emulator_allowed(emulator: str, allowed: list[str]) -> bool:

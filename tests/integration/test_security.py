@@ -1,0 +1,325 @@
+"""Security boundaries (issue 9) against real qemu, real qemu-img images and the manager.
+
+Each test names the item it covers and would have passed the attack on 42745e5:
+1 the bridge helper, 2 backing chains and data files, 3 writable base images, 5 runner paths
+from a document, 7 the display password, 8 lifecycle verbs under a tightened policy, 13 remote
+CD images; plus the defence in depth (seccomp sandbox, qemu as an unprivileged user).
+"""
+
+from __future__ import annotations
+
+import asyncio
+import hashlib
+import http.server
+import os
+import subprocess
+import threading
+from collections.abc import Iterator
+from pathlib import Path
+from typing import Any
+
+import pytest
+
+from corral.errors import PolicyError, SpecError
+from corral.spec import HostPolicy
+from tests.integration.test_manager import Box, box, tiny, until  # noqa: F401 (fixture)
+
+pytestmark = [pytest.mark.integration, pytest.mark.slow]
+
+BOOT = 150.0
+
+
+def qemu_img(*args: str) -> None:
+    subprocess.run(["qemu-img", *args], check=True, capture_output=True)
+
+
+def proc_status(pid: int) -> dict[str, str]:
+    fields = {}
+    for line in Path(f"/proc/{pid}/status").read_text().splitlines():
+        key, _, value = line.partition(":")
+        fields[key] = value.strip()
+    return fields
+
+
+# --- 1: the bridge helper --------------------------------------------------------------------
+
+
+async def test_bridge_helper_from_a_document_never_runs(
+    box: Box, tiny_guest: Any, tmp_path: Path
+) -> None:
+    owned = tmp_path / "owned"
+    m = await box.open()
+    doc = tiny(tiny_guest, "br1")
+    doc["spec"]["vm"]["networks"] = [
+        {"bridge": {"name": "br0", "helper": f"/bin/sh -c 'id > {owned}' #"}}
+    ]
+    with pytest.raises(SpecError) as err:
+        await m.create(doc)
+    assert "spec.vm.networks[0].bridge.helper" in str(err.value)
+    assert m.store.find("br1") is None
+    await asyncio.sleep(0.5)
+    assert not owned.exists()
+    with pytest.raises(ValueError, match="no spaces or shell"):
+        HostPolicy.model_validate({"bridgeHelper": "/bin/sh -c id"})
+
+
+# --- 2 and 3: files behind disks -------------------------------------------------------------
+
+
+@pytest.fixture
+def zones(tmp_path: Path) -> Iterator[tuple[Path, Path]]:
+    allowed, outside = tmp_path / "allowed", tmp_path / "outside"
+    allowed.mkdir()
+    outside.mkdir()
+    yield allowed, outside
+
+
+async def test_backing_file_and_data_file_outside_image_paths_are_refused(
+    box: Box, tiny_guest: Any, zones: tuple[Path, Path]
+) -> None:
+    allowed, outside = zones
+    secret = outside / "secret.raw"
+    secret.write_bytes(b"host secret\n" + bytes(1024 * 1024))
+    qemu_img("create", "-q", "-f", "qcow2", "-b", str(secret), "-F", "raw", str(allowed / "a.qcow2"))
+    qemu_img("create", "-q", "-f", "qcow2", "-o", f"data_file={outside / 'data.raw'}",
+             str(allowed / "d.qcow2"), "16M")  # fmt: skip
+    # a chain: allowed overlay -> allowed middle -> outside secret
+    qemu_img("create", "-q", "-f", "qcow2", "-b", str(secret), "-F", "raw", str(allowed / "m.qcow2"))
+    qemu_img("create", "-q", "-f", "qcow2", "-b", "m.qcow2", "-F", "qcow2", str(allowed / "c.qcow2"))
+    (allowed / "evil.qcow2").symlink_to(secret)
+    policy = HostPolicy(image_paths=[str(Path(tiny_guest.kernel).parent), str(allowed)])
+    m = await box.open(policy)
+    cases = {
+        "a": ({"file": {"path": str(allowed / "a.qcow2")}}, "backing file"),
+        "d": ({"file": {"path": str(allowed / "d.qcow2")}}, "external data file"),
+        "c": ({"file": {"path": str(allowed / "c.qcow2")}}, "secret.raw"),
+        "i": ({"file": {"image": str(allowed / "a.qcow2")}}, "backing file"),
+        "s": ({"file": {"path": str(allowed / "evil.qcow2"), "format": "raw"}}, "outside"),
+    }
+    for name, (disk, reason) in cases.items():
+        with pytest.raises(PolicyError) as err:
+            await m.create(tiny(tiny_guest, name, state="Stopped", disks=[disk]))
+        text = str(err.value)
+        assert "spec.vm.disks[0]" in text and reason in text, text
+        assert m.store.find(name) is None
+
+
+async def test_chain_is_checked_again_at_start(
+    box: Box, tiny_guest: Any, zones: tuple[Path, Path]
+) -> None:
+    """Admitted while harmless, swapped for an image with an outside backing file before the
+    start: the start is refused and no qemu ever opens it."""
+    allowed, outside = zones
+    disk = allowed / "late.qcow2"
+    qemu_img("create", "-q", "-f", "qcow2", str(disk), "16M")
+    policy = HostPolicy(image_paths=[str(Path(tiny_guest.kernel).parent), str(allowed)])
+    m = await box.open(policy)
+    await m.create(tiny(tiny_guest, "late", state="Stopped", disks=[{"file": {"path": str(disk)}}]))
+    secret = outside / "secret.raw"
+    secret.write_bytes(bytes(1024 * 1024))
+    disk.unlink()
+    qemu_img("create", "-q", "-f", "qcow2", "-b", str(secret), "-F", "raw", str(disk))
+    with pytest.raises(PolicyError, match="backing file"):
+        await m.start("late")
+    # desired state written by someone else (an older daemon, a hand edit) is refused at start
+    await m.stop("late")
+    await until(lambda: box.status("late").get("desiredState") == "Stopped", 10, "stopped")
+
+
+async def test_store_images_only_through_file_image_and_never_written(
+    box: Box, tiny_guest: Any, tmp_path: Path
+) -> None:
+    base = tmp_path / "base.qcow2"
+    qemu_img("create", "-q", "-f", "qcow2", str(base), "32M")
+    # a careless admin allows the whole state dir: the manager's own files stay off limits
+    policy = HostPolicy(image_paths=[str(Path(tiny_guest.kernel).parent), str(box.root)])
+    m = await box.open(policy)
+    await m.images.import_image("base", str(base))
+    stored = m.images.path("base")
+    before = hashlib.sha256(stored.read_bytes()).hexdigest()
+    for kind in ({"file": {"path": str(stored)}}, {"device": {"path": str(stored)}},
+                 {"cdrom": {"image": str(stored)}}):  # fmt: skip
+        with pytest.raises(PolicyError, match="manager's own files"):
+            await m.create(tiny(tiny_guest, "w", state="Stopped", disks=[kind]))
+    # another VM's disk is off limits too
+    other = box.config.vms / "victim" / "root.qcow2"
+    other.parent.mkdir(parents=True)
+    qemu_img("create", "-q", "-f", "qcow2", str(other), "16M")
+    with pytest.raises(PolicyError, match="manager's own files"):
+        await m.create(tiny(tiny_guest, "w", state="Stopped",
+                            disks=[{"file": {"path": str(other)}}]))  # fmt: skip
+    # the way in: an overlay on the store image, and the base is never written
+    await m.create(tiny(tiny_guest, "ok", disks=[{"name": "root", "file": {"image": "base"}}]))
+    await box.running("ok")
+    result = await m.exec("ok", ["/bin/sh", "-c", "echo data > /dev/vda; sync"])
+    assert result.exit_code == 0
+    await m.stop("ok", wait=60)
+    assert hashlib.sha256(stored.read_bytes()).hexdigest() == before
+
+
+# --- 5: runner paths belong to the manager ---------------------------------------------------
+
+
+async def test_runner_paths_in_a_managed_document_are_refused(
+    box: Box, tiny_guest: Any, tmp_path: Path
+) -> None:
+    fifo = tmp_path / "fifo"
+    os.mkfifo(fifo)
+    m = await box.open()
+    for field, value in (("displaySecretFile", str(fifo)), ("statusFile", "/dev/zero")):
+        doc = tiny(tiny_guest, "rp", state="Stopped")
+        doc["runner"] = {field: value}
+        with pytest.raises(PolicyError, match=f"runner.{field}"):
+            await m.create(doc)
+
+
+async def test_a_fifo_display_secret_never_blocks_the_runner(tmp_path: Path) -> None:
+    from corral.runner.changes import read_display_secret
+
+    fifo = tmp_path / "fifo"
+    os.mkfifo(fifo)
+    for path in (fifo, Path("/dev/zero")):
+        with pytest.raises(SpecError, match="not a regular file"):
+            await asyncio.wait_for(asyncio.to_thread(read_display_secret, path), 5)
+    big = tmp_path / "big"
+    big.write_bytes(b"x" * 100_000)
+    with pytest.raises(SpecError, match="larger than"):
+        read_display_secret(big)
+
+
+# --- 7: a generated display password is locked --------------------------------------------
+
+
+async def test_generated_display_password_is_locked_and_written_nowhere(
+    box: Box, tiny_guest: Any
+) -> None:
+    m = await box.open()
+    await m.create(tiny(tiny_guest, "disp", display={"vnc": {"port": 5977}}))
+    await until(lambda: box.status("disp").get("state") == "Running", BOOT, "Running")
+    events = [e for e in m.events("disp") if e.kind == "DisplayLocked"]
+    assert events and "display secret" in events[0].data["hint"]
+    run_dir = box.config.run / "disp"
+    assert not (run_dir / "display-password").exists()
+    # a password from the manager's display secret opens it, live
+    secret = box.config.vms / "disp" / "display-secret"
+    secret.write_text("s3cret\n")
+    sup = m.backend.supervisor("disp")  # type: ignore[attr-defined]
+    await sup.display_secret_changed()
+    assert any(e.kind == "DisplayPasswordSet" for e in m.events("disp"))
+    assert all("s3cret" not in str(e.data) for e in m.events("disp"))
+    await m.stop("disp", wait=60)
+
+
+# --- 8: lifecycle verbs never go through admission -------------------------------------------
+
+
+async def test_stop_and_kill_work_after_the_policy_was_tightened(
+    box: Box, tiny_guest: Any
+) -> None:
+    m = await box.open(HostPolicy())
+    await m.create(tiny(tiny_guest, "t1"))
+    await m.create(tiny(tiny_guest, "t2"))
+    await until(
+        lambda: all(box.status(n).get("state") == "Running" for n in ("t1", "t2")),
+        BOOT,
+        "both Running",
+    )
+    m.policy = HostPolicy(image_paths=["/nonexistent"])  # the host tightened its policy
+    await m.stop("t1", wait=60)
+    await m.kill("t2")
+    assert box.status("t1")["state"] == "Stopped"
+    await until(lambda: box.status("t2").get("state") == "Stopped", 20, "t2 killed")
+    with pytest.raises(PolicyError, match="outside the allowed image paths"):
+        await m.start("t1")
+    await m.delete("t1")
+
+
+# --- 13: remote CD images --------------------------------------------------------------------
+
+
+class _RangeHandler(http.server.SimpleHTTPRequestHandler):
+    """A static file server with Range support (qemu's curl driver reads with ranges)."""
+
+    def log_message(self, *args: object) -> None:
+        pass
+
+    def do_HEAD(self) -> None:
+        self._serve(body=False)
+
+    def do_GET(self) -> None:
+        self._serve(body=True)
+
+    def _serve(self, *, body: bool) -> None:
+        path = Path(self.directory) / self.path.lstrip("/")
+        if not path.is_file():
+            self.send_error(404)
+            return
+        data = path.read_bytes()
+        start, end = 0, len(data) - 1
+        rng = self.headers.get("Range")
+        if rng and rng.startswith("bytes="):
+            first, _, last = rng[6:].partition("-")
+            start, end = int(first), min(int(last or end), end)
+            self.send_response(206)
+            self.send_header("Content-Range", f"bytes {start}-{end}/{len(data)}")
+        else:
+            self.send_response(200)
+        self.send_header("Accept-Ranges", "bytes")
+        self.send_header("Content-Length", str(end - start + 1))
+        self.end_headers()
+        if body:
+            self.wfile.write(data[start : end + 1])
+
+
+async def test_remote_cdrom_is_refused_by_default_and_served_by_qemu_when_allowed(
+    box: Box, tiny_guest: Any, tmp_path: Path
+) -> None:
+    iso = tmp_path / "disc.iso"
+    iso.write_bytes(b"CD001" * 100_000)
+    handler = lambda *a, **k: _RangeHandler(*a, directory=str(tmp_path), **k)  # noqa: E731
+    server = http.server.ThreadingHTTPServer(("127.0.0.1", 0), handler)
+    threading.Thread(target=server.serve_forever, daemon=True).start()
+    url = f"http://127.0.0.1:{server.server_address[1]}/disc.iso"
+    try:
+        m = await box.open(HostPolicy())
+        doc = tiny(tiny_guest, "rcd", disks=[{"name": "cd0", "cdrom": {"image": url}}])
+        with pytest.raises(PolicyError, match="remoteImages"):
+            await m.create(doc)
+        m.policy = HostPolicy(remote_images=True)
+        m.backend.policy = m.policy  # type: ignore[attr-defined]
+        await m.create(doc)
+        await until(lambda: box.status("rcd").get("state") == "Running", BOOT, "Running")
+        sup = m.backend.supervisor("rcd")  # type: ignore[attr-defined]
+        assert (await sup.live_media()) == {"cd0": url}  # qemu's curl driver opened it
+        await m.stop("rcd", wait=60)
+    finally:
+        server.shutdown()
+        server.server_close()
+
+
+# --- defence in depth ------------------------------------------------------------------------
+
+
+async def test_qemu_runs_sandboxed_and_unprivileged_by_default(
+    box: Box, tiny_guest: Any
+) -> None:
+    m = await box.open(HostPolicy())
+    await m.create(tiny(tiny_guest, "dd"))
+    await until(lambda: box.status("dd").get("state") == "Running", BOOT, "Running")
+    pid = box.status("dd")["pid"]
+    status = proc_status(pid)
+    assert status["Seccomp"] == "2", "qemu's seccomp sandbox is on"
+    assert status["NoNewPrivs"] == "1"
+    uid = int(status["Uid"].split()[0])
+    assert uid != 0, "qemu dropped root (-runas)"
+    argv = Path(f"/proc/{pid}/cmdline").read_bytes().split(b"\0")
+    assert b"-sandbox" in argv and b"-runas" in argv
+    await m.stop("dd", wait=60)
+    # and a host turns both off in its policy
+    m.policy = HostPolicy(sandbox=False, run_as=None)
+    m.backend.policy = m.policy  # type: ignore[attr-defined]
+    await m.start("dd")
+    await until(lambda: box.status("dd").get("state") == "Running", BOOT, "Running")
+    status = proc_status(box.status("dd")["pid"])
+    assert status["Seccomp"] == "0" and status["Uid"].split()[0] == "0"
+    await m.stop("dd", wait=60)
