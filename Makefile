@@ -12,7 +12,7 @@ PYTEST_ARGS ?=
 
 # Debian packages corral and its tests use at run time. The guest builder (guests/build.py)
 # installs the few it needs on top of these (debootstrap, busybox-static, ...) by itself.
-APT_PACKAGES := qemu-system-x86 qemu-utils swtpm swtpm-tools ovmf \
+APT_PACKAGES := qemu-system-x86 qemu-utils qemu-block-extra swtpm swtpm-tools ovmf \
 	mtools dosfstools genisoimage cpio zstd busybox-static debootstrap \
 	python3-venv systemd
 APT_COMMANDS := qemu-system-x86_64 qemu-img swtpm swtpm_setup mcopy mkfs.vfat genisoimage \
@@ -33,12 +33,17 @@ deps-system:
 	@missing=""; \
 	for c in $(APT_COMMANDS); do command -v $$c >/dev/null 2>&1 || PATH="$$PATH:/usr/sbin:/sbin" command -v $$c >/dev/null 2>&1 || missing="$$missing $$c"; done; \
 	[ -e /usr/share/OVMF/OVMF_CODE_4M.fd ] || [ -e /usr/share/OVMF/OVMF_CODE.fd ] || missing="$$missing ovmf"; \
+	ls /usr/lib/*/qemu/block-curl.so >/dev/null 2>&1 || missing="$$missing qemu-block-extra"; \
 	python3 -c 'import ensurepip' 2>/dev/null || missing="$$missing venv"; \
 	if [ -n "$$missing" ]; then \
 		echo "[deps] missing:$$missing -> apt-get install"; \
 		export DEBIAN_FRONTEND=noninteractive; \
 		apt-get update -qq && apt-get install -y -qq --no-install-recommends $(APT_PACKAGES); \
 	fi
+	@# qemu drops root to this user after opening its files (host policy runAs; docs/security.md)
+	@id corral-qemu >/dev/null 2>&1 || [ "$$(id -u)" != 0 ] || \
+		PATH="$$PATH:/usr/sbin:/sbin" useradd --system --no-create-home --home-dir /nonexistent \
+			--shell /usr/sbin/nologin corral-qemu
 
 $(VENV)/.installed: pyproject.toml
 	@test -x $(PY) || python3 -m venv $(VENV)

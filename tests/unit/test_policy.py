@@ -8,6 +8,7 @@ from pathlib import Path
 from typing import Any
 
 import pytest
+from pydantic import ValidationError
 
 from corral.errors import PolicyError, SpecError
 from corral.spec import HostPolicy, VmDocument, check_policy, load_policy, parse_document
@@ -466,3 +467,64 @@ def test_policy_file_that_is_not_a_mapping(tmp_path: Path) -> None:
         load_policy(file)
     assert info.value.message == f"invalid host policy {file}"
     assert info.value.issues
+
+
+# --- security: what an allowlisted option may still not do (issue 9, item 4) ----------------
+
+_PERMISSIVE = {
+    "argsAllowlist": ["-device", "-global", "-drive", "-object", "-smbios", "-k", "-boot"]
+}
+
+
+@pytest.mark.parametrize(
+    ("args", "needle"),
+    [
+        (["-device", "loader,file=/outside/secret"], "deviceAllowlist"),
+        (["-device", "vfio-pci,host=0000:01:00.0"], "deviceAllowlist"),
+        (["-device", "usb-host,hostbus=1,hostaddr=2"], "deviceAllowlist"),
+        (["-device", "usb-tablet,romfile=/etc/shadow"], "properties ['romfile']"),
+        (["-device", "driver=loader,file=/etc/shadow"], "deviceAllowlist"),
+        (["-device", '{"driver": "loader", "file": "/etc/shadow"}'], "JSON option syntax"),
+        (["-global", "usb-tablet.romfile=/etc/shadow"], "properties ['romfile']"),
+        (["-global", "driver=e1000,property=romfile,value=/etc/shadow"], "deviceAllowlist"),
+        (["-drive", "file=/etc/shadow,if=virtio"], "refused even when allowlisted"),
+        (["-object", "memory-backend-file,id=m,mem-path=/dev/shm/x"], "refused even when"),
+        (["-smbios", "file=/etc/shadow"], "refused even when"),
+        (["-boot", "menu=on,splash=/etc/shadow"], "names a host file"),
+    ],
+)
+def test_allowlisted_options_cannot_reach_host_files_or_devices(
+    args: list[str], needle: str
+) -> None:
+    policy = HostPolicy.model_validate(_PERMISSIVE)
+    refusals = _refusals(_doc({"extraArgs": args}), policy)
+    assert len(refusals) == 1
+    assert needle in next(iter(refusals.values()))
+
+
+def test_safe_devices_pass_and_a_host_extends_the_device_allowlist() -> None:
+    policy = HostPolicy.model_validate(_PERMISSIVE)
+    check_policy(_doc({"extraArgs": ["-device", "usb-tablet,id=t0", "-k", "de"]}), policy)
+    wider = HostPolicy.model_validate({**_PERMISSIVE, "deviceAllowlist": {"e1000": ["mac"]}})
+    check_policy(_doc({"extraArgs": ["-device", "e1000,mac=52:54:00:00:00:01"]}), wider)
+    assert "usb-tablet" not in wider.device_allowlist  # the host's list replaces the default
+
+
+def test_remote_images_and_vde_sockets_are_host_policy() -> None:
+    doc = _doc({"disks": [{"cdrom": {"image": "https://example.org/x.iso"}}]})
+    refusals = _refusals(doc, HostPolicy())
+    assert "remoteImages" in refusals["spec.vm.disks[0].cdrom.image"]
+    check_policy(doc, HostPolicy(remote_images=True))
+    vde = _doc({"networks": [{"vde": {"socket": "/run/other/vde.ctl"}}]})
+    refusals = _refusals(vde, HostPolicy(vde_sockets=["/run/vde"]))
+    assert "vdeSockets" in refusals["spec.vm.networks[0].vde.socket"]
+    check_policy(_doc({"networks": [{"vde": {"socket": "/run/vde/a.ctl"}}]}),
+                 HostPolicy(vde_sockets=["/run/vde"]))  # fmt: skip
+
+
+@pytest.mark.parametrize(
+    "helper", ["/bin/sh -c id", "relative/helper", "/x;id", "/x$(id)", "/a,b", "/x`id`"]
+)
+def test_bridge_helper_is_a_plain_absolute_program(helper: str) -> None:
+    with pytest.raises(ValidationError):
+        HostPolicy.model_validate({"bridgeHelper": helper})

@@ -78,7 +78,7 @@ _HOST_RESOURCE_KEYS = frozenset(
         "file", "filename", "path", "romfile", "sock", "socket", "script", "downscript",
         "helper", "fd", "fds", "vhostfd", "vhostfds", "sysfsdev", "host", "hostbus",
         "hostaddr", "hostport", "hostdevice", "kernel", "initrd", "dtb", "bios", "data",
-        "logfile", "mem-path", "share", "chardev", "netdev", "drive", "memdev", "rng",
+        "logfile", "mem-path", "share", "splash", "chardev", "netdev", "drive", "memdev", "rng",
         "tpmdev", "iothread", "x-vfio-user-server", "url", "addr.path", "dir", "mount_tag",
         "fsdev",
     }
