@@ -323,3 +323,67 @@ async def test_qemu_runs_sandboxed_and_unprivileged_by_default(
     status = proc_status(box.status("dd")["pid"])
     assert status["Seccomp"] == "0" and status["Uid"].split()[0] == "0"
     await m.stop("dd", wait=60)
+
+
+# --- bridge NICs keep the sandbox: corral runs the helper, qemu gets the tap ---------------
+
+_BRIDGE_SCRIPT = r"""
+import asyncio, json, os, subprocess, sys, tempfile
+from pathlib import Path
+from corral.runner.config import resolve_paths
+from corral.runner.supervisor import VmSupervisor
+from corral.spec import HostPolicy, parse_document
+
+kernel, initrd, cmdline = sys.argv[1:4]
+subprocess.run(["mount", "-t", "tmpfs", "tmpfs", "/etc/qemu"], check=True)
+Path("/etc/qemu/bridge.conf").write_text("allow crtbr0\n")
+for cmd in (["ip", "link", "set", "lo", "up"], ["ip", "link", "add", "crtbr0", "type", "bridge"],
+            ["ip", "link", "set", "crtbr0", "up"]):
+    subprocess.run(cmd, check=True)
+
+async def main():
+    root = Path(tempfile.mkdtemp(prefix="cbr-", dir="/tmp"))
+    doc = parse_document({"metadata": {"name": "brvm"}, "spec": {"vm": {
+        "machine": "q35", "firmware": "bios", "maximumCpus": 1, "maximumRam": "256Mi",
+        "kernel": kernel, "initrd": initrd, "cmdline": cmdline, "powerdownTimeout": 10,
+        "networks": [{"bridge": {"name": "crtbr0"}}, {"tap": {"bridge": "crtbr0"}}]}}})
+    paths = resolve_paths(doc, data_dir=str(root / "d"), runtime_dir=str(root / "r"))
+    sup = VmSupervisor(doc, paths, HostPolicy(), accelerator="tcg")
+    await sup.start()
+    pid = sup.pid
+    status = dict(l.split(":", 1) for l in Path(f"/proc/{pid}/status").read_text().splitlines())
+    ports = subprocess.run(["ip", "-o", "link", "show", "master", "crtbr0"],
+                           capture_output=True, text=True, check=True).stdout
+    argv = Path(f"/proc/{pid}/cmdline").read_bytes().split(b"\0")
+    await sup.stop(timeout=5)
+    import shutil
+    shutil.rmtree(root, ignore_errors=True)
+    print(json.dumps({"seccomp": status["Seccomp"].strip(), "uid": status["Uid"].split()[0],
+                      "ports": ports.count("master crtbr0"),
+                      "helper_in_argv": any(b"helper=" in a for a in argv)}))
+
+asyncio.run(main())
+"""
+
+
+def test_bridge_nics_are_made_by_corral_and_qemu_keeps_its_sandbox(
+    tiny_guest: Any, tmp_path: Path
+) -> None:
+    """A real bridge in a private network (and mount) namespace: the host's helper makes two
+    taps on it, qemu gets them as fds and runs sandboxed, unprivileged, with no helper."""
+    Path("/etc/qemu").mkdir(exist_ok=True)  # the helper's ACL dir; a tmpfs is mounted on it
+    script = tmp_path / "bridge_vm.py"
+    script.write_text(_BRIDGE_SCRIPT)
+    import json
+    import sys
+
+    done = subprocess.run(
+        ["unshare", "--mount", "--net", "--propagation", "private", sys.executable,
+         str(script), str(tiny_guest.kernel), str(tiny_guest.initrd), tiny_guest.cmdline],
+        capture_output=True, text=True, timeout=300,
+        cwd=Path(__file__).resolve().parents[2],
+    )  # fmt: skip
+    assert done.returncode == 0, done.stderr[-3000:]
+    result = json.loads(done.stdout.strip().splitlines()[-1])
+    assert result == {"seccomp": "2", "uid": result["uid"], "ports": 2, "helper_in_argv": False}
+    assert result["uid"] != "0"

@@ -11,6 +11,7 @@ what its callers ask).
 Imports only ``corral.spec`` and ``corral.errors`` (DESIGN.md layers).
 """
 
+from corral.host.bridge import open_bridge_tap
 from corral.host.firmware import ensure_vars
 from corral.host.images import ImageRecord, ImageStore
 from corral.host.overlay import ImageInfo, ensure_disk, ensure_overlay, image_info
@@ -42,6 +43,7 @@ __all__ = [
     "ensure_vars",
     "find_tool",
     "image_info",
+    "open_bridge_tap",
     "pid_alive",
     "process_cmdline",
     "process_exe_name",

@@ -62,6 +62,8 @@ class RenderContext:
     ``accelerator`` is already resolved (``kvm`` or ``tcg``): resolving ``auto`` needs a host
     probe, which belongs to the caller. ``bridge_helper``, ``sandbox`` (the ``-sandbox``
     options, None: off) and ``run_as`` (the user qemu drops to) are host policy.
+    ``tap_fds`` maps a NIC's index to a tap the runner opened on its bridge (passed to qemu):
+    qemu then runs no helper itself.
     """
 
     runtime_dir: str
@@ -77,6 +79,7 @@ class RenderContext:
     tcg_tb_size: int | None = None
     template_dirs: Sequence[str] = ()
     bridge_helper: str = DEFAULT_BRIDGE_HELPER
+    tap_fds: Mapping[int, int] = field(default_factory=dict)
     sandbox: Mapping[str, OptionValue] | None = None
     run_as: str | None = None
 
@@ -257,6 +260,7 @@ def build_view(doc: VmDocument, ctx: RenderContext) -> dict[str, Any]:
             "kind": net.kind,
             "driver": driver,
             "mac": nic.mac or stable_mac(machine_uuid, i),
+            "fd": ctx.tap_fds.get(i),
         }
         if net.user is not None:
             u = net.user

@@ -13,7 +13,7 @@ from __future__ import annotations
 import os
 import pwd
 import uuid
-from collections.abc import Sequence
+from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -166,14 +166,18 @@ def needs_bridge_helper(doc: VmDocument) -> bool:
     )
 
 
-def sandbox_options(doc: VmDocument, policy: HostPolicy, emulator: str) -> dict[str, str | bool]:
+def sandbox_options(
+    doc: VmDocument, policy: HostPolicy, emulator: str, *, taps_passed: bool = False
+) -> dict[str, str | bool]:
     """qemu's seccomp sandbox options for this VM; empty when it is off.
 
     Off when the policy says so, when this qemu has no ``-sandbox`` (built without seccomp),
-    or when the VM has a bridge network: seccomp sets no_new_privs, so the setuid bridge
-    helper qemu runs could not create the tap.
+    or when qemu itself must run the bridge helper (``corral render`` of a VM with a bridge
+    network: ``spawn=deny`` forbids it). The runner opens the taps itself
+    (``taps_passed``), so a started VM keeps its sandbox.
     """
-    if not policy.sandbox or needs_bridge_helper(doc) or not supports_option(emulator, "-sandbox"):
+    helper_in_qemu = needs_bridge_helper(doc) and not taps_passed
+    if not policy.sandbox or helper_in_qemu or not supports_option(emulator, "-sandbox"):
         return {}
     return dict(_SANDBOX)
 
@@ -186,6 +190,7 @@ def render_for_host(
     accelerator: str | None = None,
     paused: bool = True,
     no_shutdown: bool = True,
+    tap_fds: Mapping[int, int] | None = None,
 ) -> list[str]:
     """Check the host policy, resolve the accelerator and firmware, and render the argv.
 
@@ -210,7 +215,8 @@ def render_for_host(
         tsc_khz=host_tsc_khz(),
         template_dirs=tuple(policy.template_dirs),
         bridge_helper=policy.bridge_helper,
-        sandbox=sandbox_options(doc, policy, emulator) or None,
+        sandbox=sandbox_options(doc, policy, emulator, taps_passed=tap_fds is not None) or None,
+        tap_fds=dict(tap_fds or {}),
         run_as=resolve_run_as(policy.run_as),
     )
     return render_argv(doc, ctx, emulator=emulator)

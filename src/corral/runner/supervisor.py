@@ -28,6 +28,7 @@ import json
 import os
 import secrets
 import signal
+import stat
 import time
 from collections.abc import Awaitable, Callable
 from dataclasses import dataclass
@@ -41,6 +42,7 @@ from corral.host import (
     ensure_overlay,
     ensure_seed,
     ensure_vars,
+    open_bridge_tap,
     pid_alive,
     process_exe_name,
     read_pidfile,
@@ -49,7 +51,7 @@ from corral.qemu.agent import AgentError, ExecResult, GuestAgent
 from corral.qemu.fingerprint import find_emulator, find_firmware, resolve_accelerator
 from corral.qemu.monitor import Monitor, QmpEvent
 from corral.runner.changes import cdrom_media, pending_restart, read_display_secret
-from corral.runner.config import RunnerPaths, render_for_host
+from corral.runner.config import RunnerPaths, check_host, render_for_host
 from corral.runner.status import (
     Condition,
     EventSink,
@@ -59,8 +61,8 @@ from corral.runner.status import (
     now_iso,
     write_atomic,
 )
-from corral.spec import HostPolicy, VmDocument, check_policy
-from corral.spec.models import MachineType
+from corral.spec import HostPolicy, VmDocument
+from corral.spec.models import MachineType, is_remote_image
 
 __all__ = ["ExecResult", "ExitInfo", "VmSupervisor"]
 
@@ -94,7 +96,6 @@ class _Files:
         self.swtpm_pid = rt / "swtpm.pid"
         self.swtpm_log = rt / "swtpm.log"
         self.started = rt / "started.json"
-        self.generated_secret = rt / "display-password"
 
 
 class VmSupervisor:
@@ -136,6 +137,7 @@ class VmSupervisor:
         self._want_cpus_online = False
         self._console_offset = 0
         self._secret_applied: tuple[str | None, str | None] | None = None
+        self._fd_media: dict[str, str] = {}  # /dev/fdset/N -> the CD image passed as it
 
     # --- reporting -------------------------------------------------------------------------
 
@@ -198,7 +200,7 @@ class VmSupervisor:
 
     async def _start_locked(self) -> None:
         doc = self.doc
-        check_policy(doc, self.policy, emulator=self.paths.emulator)
+        check_host(doc, self.policy, self.paths.emulator)
         self._finished.clear()
         self._stopping = False
         self._restart_on_exit = False
@@ -216,12 +218,18 @@ class VmSupervisor:
             await self._prepare(doc)
             emulator = find_emulator(self.paths.emulator)
             accel = self._accel_override or resolve_accelerator(doc.vm.accelerator.value, emulator)
-            argv = render_for_host(
-                doc, self.paths, self.policy, accelerator=accel, paused=True, no_shutdown=True
-            )
-            self.status.accelerator = accel
-            await self._start_swtpm(doc)
-            await self._spawn(argv)
+            taps = await self._open_taps(doc)
+            try:
+                argv = render_for_host(
+                    doc, self.paths, self.policy, accelerator=accel, paused=True,
+                    no_shutdown=True, tap_fds=taps,
+                )  # fmt: skip
+                self.status.accelerator = accel
+                await self._start_swtpm(doc)
+                await self._spawn(argv, pass_fds=tuple(taps.values()))
+            finally:
+                for fd in taps.values():
+                    os.close(fd)
             assert self._exited is not None
             self._monitor = await Monitor.connect(self.files.qmp, timeout=30, alive=self._exited)
             self._started_doc = doc
@@ -313,7 +321,23 @@ class VmSupervisor:
             self.files.swtpm_log,
         )
 
-    async def _spawn(self, argv: list[str]) -> None:
+    async def _open_taps(self, doc: VmDocument) -> dict[int, int]:
+        """Taps on bridges for the VM's bridge NICs, made by the host's helper (never by
+        qemu, which keeps its sandbox); {NIC index: fd}. Nothing is left open on failure."""
+        taps: dict[int, int] = {}
+        try:
+            for i, net in enumerate(doc.vm.networks):
+                if net.bridge is not None:
+                    taps[i] = await open_bridge_tap(self.policy.bridge_helper, net.bridge.name)
+                elif net.tap is not None and net.tap.ifname is None:
+                    taps[i] = await open_bridge_tap(self.policy.bridge_helper, net.tap.bridge)
+        except BaseException:
+            for fd in taps.values():
+                os.close(fd)
+            raise
+        return taps
+
+    async def _spawn(self, argv: list[str], pass_fds: tuple[int, ...] = ()) -> None:
         for stale in (self.files.qmp, self.files.qga, self.files.pidfile):
             stale.unlink(missing_ok=True)
         try:
@@ -331,6 +355,7 @@ class VmSupervisor:
                     stdout=stderr,
                     stderr=stderr,
                     start_new_session=True,
+                    pass_fds=pass_fds,
                 )
             except OSError as exc:
                 raise HostError(f"cannot start {argv[0]}: {exc}") from exc
@@ -611,7 +636,8 @@ class VmSupervisor:
             if not dev.get("removable"):
                 continue
             inserted = cast(dict[str, object] | None, dev.get("inserted"))
-            media[ident] = str(inserted.get("file")) if inserted else None
+            file = str(inserted.get("file")) if inserted else None
+            media[ident] = self._fd_media.get(file, file) if file else None
         return media
 
     # --- declarative changes ---------------------------------------------------------------
@@ -620,7 +646,7 @@ class VmSupervisor:
         """Make the running VM match ``doc`` where that can be done live; return what waits
         for a restart. A refused document leaves everything as it was (and says why)."""
         try:
-            check_policy(doc, self.policy, emulator=self.paths.emulator)
+            check_host(doc, self.policy, self.paths.emulator)
             pending = pending_restart(self._started_doc or self.doc, doc)
         except CorralError as exc:
             self.refuse_config(exc)
@@ -715,9 +741,15 @@ class VmSupervisor:
         assert monitor is not None
         try:
             if image:
+                filename = await self._media_filename(image)
                 await monitor.execute(
                     "blockdev-change-medium",
-                    {"id": dev, "filename": image, "format": "raw", "read-only-mode": "read-only"},
+                    {
+                        "id": dev,
+                        "filename": filename,
+                        "format": "raw",
+                        "read-only-mode": "read-only",
+                    },
                 )
             else:
                 await monitor.execute("eject", {"id": dev})
@@ -734,16 +766,45 @@ class VmSupervisor:
         self._event("MediaChanged", device=dev, image=image)
         self._publish()
 
+    async def _media_filename(self, image: str) -> str:
+        """What qemu opens for a CD inserted live: a URL as it is; a host file opened here
+        (qemu runs unprivileged and could not) and passed as ``/dev/fdset/N``."""
+        monitor = self._monitor
+        assert monitor is not None
+        if is_remote_image(image):
+            return image
+        try:
+            fd = os.open(image, os.O_RDONLY | os.O_NONBLOCK | os.O_NOCTTY | os.O_CLOEXEC)
+        except OSError as exc:
+            raise QemuError(f"cannot open CD image {image}: {exc.strerror}") from exc
+        try:
+            if not stat.S_ISREG(os.fstat(fd).st_mode):
+                raise QemuError(f"CD image {image} is not a regular file")
+            fdset = await monitor.add_fd(fd, opaque=image[-200:])
+        finally:
+            os.close(fd)
+        name = f"/dev/fdset/{fdset}"
+        self._fd_media[name] = image
+        return name
+
     async def _apply_display_secret(self, *, force: bool = False) -> None:
+        """The display password and its expiry, from the display secret (never the document).
+
+        With no secret, as VM-Operator does: SPICE with ``generateSecret`` gets a random
+        password that expires at once (the display is locked until the user sets one, and
+        nobody can read it anywhere); VNC (``password=on``) is locked too. A ``DisplayLocked``
+        event says how to get in."""
         monitor = self._monitor
         display = self.doc.vm.display
         if monitor is None or display is None:
             return
         secret = read_display_secret(self.paths.display_secret_file)
         password, expiry = secret.password, secret.expiry
-        if password is None and display.spice is not None and display.spice.generate_secret:
-            password = self._generated_password()
-        if not force and (password, expiry) == self._secret_applied:
+        if password is None:
+            expiry = "now"
+            if display.spice is not None and display.spice.generate_secret:
+                password = secrets.token_urlsafe(16)
+        if not force and (secret.password, expiry) == self._secret_applied:
             return
         protocols = [p for p, on in (("spice", display.spice), ("vnc", display.vnc)) if on]
         for protocol in protocols:
@@ -753,17 +814,18 @@ class VmSupervisor:
             await monitor.execute(
                 "expire_password", {"protocol": protocol, "time": expiry or "never"}
             )
-        self._secret_applied = (password, expiry)
-        self._event("DisplayPasswordSet", protocols=protocols, expiry=expiry or "never")
-
-    def _generated_password(self) -> str:
-        path = self.files.generated_secret
-        try:
-            return path.read_text().strip()
-        except OSError:
-            password = secrets.token_urlsafe(12)
-            write_atomic(path, (password + "\n").encode(), 0o600)
-            return password
+        self._secret_applied = (secret.password, expiry)
+        if secret.password is None:
+            where = self.paths.display_secret_file
+            self._event(
+                "DisplayLocked",
+                protocols=protocols,
+                hint="no display password is set: write one to the display secret "
+                + (f"({where})" if where else "(corral run --display-secret-file FILE)")
+                + "; it applies live",
+            )
+        else:
+            self._event("DisplayPasswordSet", protocols=protocols, expiry=expiry or "never")
 
     async def display_secret_changed(self) -> None:
         """The secret file changed (it is not part of the document): apply it live."""
