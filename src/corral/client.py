@@ -11,9 +11,10 @@ from __future__ import annotations
 import json
 import os
 import ssl
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from pathlib import Path
 from typing import Any, cast
+from urllib.parse import quote
 
 import httpx
 
@@ -21,6 +22,7 @@ from corral.errors import (
     Conflict,
     CorralError,
     FieldIssue,
+    Forbidden,
     HostError,
     NotFound,
     PolicyError,
@@ -37,6 +39,7 @@ _BY_TYPE: dict[str, type[CorralError]] = {
     for cls in (
         SpecError,
         PolicyError,
+        Forbidden,
         NotFound,
         Conflict,
         HostError,
@@ -46,7 +49,8 @@ _BY_TYPE: dict[str, type[CorralError]] = {
     )
 }
 _BY_STATUS: dict[int, type[CorralError]] = {
-    401: Unauthorized, 404: NotFound, 409: Conflict, 422: SpecError, 504: Timeout,
+    401: Unauthorized, 403: Forbidden, 404: NotFound, 409: Conflict, 422: SpecError,
+    504: Timeout,
 }  # fmt: skip
 
 
@@ -141,9 +145,15 @@ class Client:
         params: dict[str, Any] | None = None,
         content_type: str = "application/json",
         timeout: float | None = None,
+        content: bytes | Iterator[bytes] | None = None,
+        headers: dict[str, str] | None = None,
     ) -> Any:
-        content = None if json_body is None else json.dumps(json_body).encode()
-        headers = {"Content-Type": content_type} if content is not None else {}
+        """``json_body`` is sent as JSON; or ``content`` (bytes, or an iterator of chunks to
+        stream) as ``content_type`` with ``headers``."""
+        if content is None and json_body is not None:
+            content = json.dumps(json_body).encode()
+        headers = {**({"Content-Type": content_type} if content is not None else {}),
+                   **(headers or {})}  # fmt: skip
         clean = {k: v for k, v in (params or {}).items() if v is not None}
         try:
             response = self._http.request(
@@ -167,8 +177,15 @@ class Client:
     def get_vm(self, name: str) -> dict[str, Any]:
         return cast(dict[str, Any], self.request("GET", f"/v1/vms/{name}"))
 
-    def create_vm(self, document: dict[str, Any]) -> dict[str, Any]:
-        return cast(dict[str, Any], self.request("POST", "/v1/vms", json_body=document))
+    def create_vm(
+        self, document: dict[str, Any], *, adopt_disks: str | None = None
+    ) -> dict[str, Any]:
+        """``adopt_disks``: a retained set (:meth:`list_disks`) becomes the VM's data dir."""
+        return cast(
+            dict[str, Any],
+            self.request("POST", "/v1/vms", json_body=document,
+                         params={"adoptDisks": adopt_disks}),
+        )  # fmt: skip
 
     def replace_vm(self, name: str, document: dict[str, Any]) -> dict[str, Any]:
         return cast(dict[str, Any], self.request("PUT", f"/v1/vms/{name}", json_body=document))
@@ -180,17 +197,28 @@ class Client:
                          content_type="application/merge-patch+json"),
         )  # fmt: skip
 
-    def apply_vm(self, document: dict[str, Any]) -> tuple[str, dict[str, Any]]:
-        """Create, or replace what is there (``kubectl apply``); returns (verb, VM)."""
+    def apply_vm(
+        self, document: dict[str, Any], *, adopt_disks: str | None = None
+    ) -> tuple[str, dict[str, Any]]:
+        """Create, or replace what is there (``kubectl apply``); returns (verb, VM).
+        ``adopt_disks`` applies only when the VM is created."""
         name = str((document.get("metadata") or {}).get("name", ""))
         try:
             self.get_vm(name)
         except NotFound:
-            return "created", self.create_vm(document)
+            return "created", self.create_vm(document, adopt_disks=adopt_disks)
+        if adopt_disks is not None:
+            raise Conflict(f"VM {name!r} exists: only a new VM can adopt disks")
         return "configured", self.replace_vm(name, document)
 
-    def delete_vm(self, name: str, *, delete_disks: bool = False) -> None:
-        self.request("DELETE", f"/v1/vms/{name}", params={"deleteDisks": str(delete_disks).lower()})
+    def delete_vm(self, name: str, *, delete_disks: bool = False) -> dict[str, Any]:
+        """Returns ``retainedDisks``: the id its data dir is kept under (None if it had none
+        or ``delete_disks``)."""
+        return cast(
+            dict[str, Any],
+            self.request("DELETE", f"/v1/vms/{name}",
+                         params={"deleteDisks": str(delete_disks).lower()}),
+        )  # fmt: skip
 
     def action(self, name: str, verb: str, *, wait: float | None = None) -> dict[str, Any]:
         return cast(
@@ -238,8 +266,52 @@ class Client:
             dict[str, Any], self.request("POST", "/v1/images", json_body=body, timeout=24 * 3600)
         )
 
+    def upload_image(
+        self,
+        name: str,
+        path: Path | str,
+        *,
+        checksum: str | None = None,
+        replace: bool = False,
+        progress: Callable[[int, int], None] | None = None,
+    ) -> dict[str, Any]:
+        """Import a local file by sending its bytes (``PUT /v1/images/NAME``): the daemon
+        never opens a path of ours. ``progress(sent, total)`` is called as chunks go out."""
+        source = Path(path)
+        try:
+            stream = source.open("rb")
+        except OSError as exc:
+            raise SpecError("invalid image import", [FieldIssue("source", str(exc))]) from exc
+        with stream:
+            total = os.fstat(stream.fileno()).st_size
+
+            def chunks() -> Iterator[bytes]:
+                sent = 0
+                while chunk := stream.read(1024 * 1024):
+                    sent += len(chunk)
+                    if progress is not None:
+                        progress(sent, total)
+                    yield chunk
+
+            shown = "".join(c for c in source.name if c.isprintable())[:255] or None
+            params = {"checksum": checksum, "replace": str(replace).lower(), "filename": shown}
+            return cast(
+                dict[str, Any],
+                self.request("PUT", f"/v1/images/{quote(name, safe='')}", content=chunks(),
+                             content_type="application/octet-stream", params=params,
+                             headers={"Content-Length": str(total)}, timeout=24 * 3600),
+            )  # fmt: skip
+
     def delete_image(self, name: str) -> None:
         self.request("DELETE", f"/v1/images/{name}")
+
+    def list_disks(self) -> list[dict[str, Any]]:
+        """Retained disk sets: the data dirs of deleted VMs."""
+        return cast(list[dict[str, Any]], self.request("GET", "/v1/disks")["items"])
+
+    def delete_disks(self, disk_id: str) -> None:
+        """Delete a retained disk set (by id, or by the VM name that left only one)."""
+        self.request("DELETE", f"/v1/disks/{quote(disk_id, safe='')}")
 
     def host(self) -> dict[str, Any]:
         return cast(dict[str, Any], self.request("GET", "/v1/host", timeout=300))

@@ -10,6 +10,7 @@ field path for validation errors.
     CorralError
      ├── SpecError            the VM document is invalid (field path + reason for each issue)
      ├── PolicyError          the document is valid but the host policy refuses it
+     │    └── Forbidden       an API client asked for a host resource the policy keeps
      ├── NotFound             a named VM, image or file does not exist
      ├── Conflict             a stale resourceVersion, a duplicate name, a busy resource
      ├── HostError            the host lacks something (qemu binary, OVMF, swtpm, a tool)
@@ -27,6 +28,7 @@ __all__ = [
     "Conflict",
     "CorralError",
     "FieldIssue",
+    "Forbidden",
     "HostError",
     "NotFound",
     "PolicyError",
@@ -89,6 +91,15 @@ class PolicyError(CorralError):
     @classmethod
     def of(cls, issues: Sequence[FieldIssue]) -> PolicyError:
         return cls("refused by host policy", issues)
+
+
+class Forbidden(PolicyError):
+    """The host policy does not let an API client reach this host resource (e.g. importing a
+    host path outside ``imagePaths``): 403, and the reason says what the host would have to
+    allow."""
+
+    status = 403
+    problem_type = "urn:corral:forbidden"
 
 
 class NotFound(CorralError):

@@ -119,7 +119,7 @@ def stack(tiny_guest: Any) -> Iterator[Stack]:
                 s.proc.wait(timeout=60)
             except subprocess.TimeoutExpired:
                 s.proc.kill()
-        for name in ("web1", "web2", "cli-alias"):
+        for name in ("web1", "web2", "cli-alias", "disk-a", "disk-b"):
             for pid in qemu_pids(name):
                 os.kill(pid, signal.SIGKILL)
         shutil.rmtree(root, ignore_errors=True)
@@ -279,6 +279,84 @@ def test_problem_json_for_bad_input(stack: Stack, web1: str) -> None:
         assert r.status_code == 409 and r.json()["type"] == "urn:corral:conflict"
         assert http.get("/v1/vms/none").status_code == 404
         assert http.get("/v1/nothing").json()["status"] == 404
+
+
+def test_a_deleted_vms_disks_are_retained_never_inherited_and_adoptable(
+    stack: Stack, tiny_guest: Any, tmp_path: Path
+) -> None:
+    """Issue 9, item 6: a new VM of a deleted VM's name read the old guest's disk and got its
+    UUID. Now the old data dir is retained (listed, deletable), and only a VM that adopts it
+    explicitly (--adopt-disks) sees the old data and UUID again."""
+    base = tmp_path / "scratch.raw"
+    base.write_bytes(b"\0" * 2**20)
+    stack.ok("image", "import", "scratch", str(base), "--no-progress")
+    disks = [{"name": "data", "file": {"image": "scratch", "size": "16Mi"}}]
+    for name, state in (("disk-a", "Running"), ("disk-b", "Running"), ("disk-c", "Stopped")):
+        doc = tiny(tiny_guest, name, state=state, maximumCpus=1, disks=disks)
+        (tmp_path / f"{name}.yaml").write_text(yaml.safe_dump(doc))
+    marker = "CORRAL-OLD-GUEST-DATA"
+    read_disk = f"head -c {len(marker)} /dev/vda | tr -d '\\000'"
+    read_uuid = "cat /sys/class/dmi/id/product_uuid"
+
+    def booted(*names: str) -> None:
+        for name in names:
+
+            def agent(vm: str = name) -> bool:
+                return stack.corral("exec", vm, "--", "true").returncode == 0
+
+            stack.wait(agent, 150, f"{name}'s agent")
+
+    def retained() -> dict[str, dict[str, Any]]:
+        items = json.loads(stack.ok("disk", "list", "-o", "json"))["items"]
+        return {item["id"]: item for item in items}
+
+    assert stack.ok("create", "-f", str(tmp_path / "disk-a.yaml")).strip() == "vm/disk-a created"
+    booted("disk-a")
+    old_uuid = stack.guest("disk-a", read_uuid)
+    assert stack.guest("disk-a", read_disk) == ""
+    stack.guest("disk-a", f"printf {marker} > /dev/vda && sync")
+    assert stack.guest("disk-a", read_disk) == marker
+    stack.ok("stop", "disk-a", "--wait")
+    out = stack.ok("delete", "disk-a").strip()
+    assert out.startswith("vm/disk-a deleted; disks retained as disk-a."), out
+    set_id = out.rsplit(" ", 1)[1]
+
+    listed = retained()[set_id]
+    assert listed["vm"] == "disk-a" and listed["uuid"] == old_uuid
+    assert [(d["name"], d["virtualSize"]) for d in listed["disks"]] == [("data.qcow2", 16 * 2**20)]
+    assert marker.encode() in (Path(listed["path"]) / "data.qcow2").read_bytes()
+    assert set_id in stack.ok("disk", "list")
+    assert not (stack.root / "state" / "vms" / "disk-a").exists()
+    refused = stack.corral("image", "delete", "scratch")
+    assert refused.returncode == 1 and f"disk/{set_id}" in refused.stderr
+
+    # the same name again: a new VM with its own empty disk and a new UUID; and one that adopts
+    assert stack.ok("create", "-f", str(tmp_path / "disk-a.yaml")).strip() == "vm/disk-a created"
+    out = stack.ok("create", "-f", str(tmp_path / "disk-b.yaml"), "--adopt-disks", set_id)
+    assert out.strip() == f"vm/disk-b created with disks {set_id}"
+    booted("disk-a", "disk-b")
+    assert stack.guest("disk-a", read_disk) == "", "the new disk-a reads the old guest's data"
+    assert stack.guest("disk-a", read_uuid) != old_uuid
+    assert stack.guest("disk-b", read_disk) == marker
+    assert stack.guest("disk-b", read_uuid) == old_uuid
+    assert set_id not in retained()
+
+    done = stack.corral("create", "-f", str(tmp_path / "disk-c.yaml"), "--adopt-disks", set_id)
+    assert done.returncode == 1 and f"no retained disks '{set_id}'" in done.stderr
+    done = stack.corral("apply", "-f", str(tmp_path / "disk-a.yaml"), "--adopt-disks", "x")
+    assert done.returncode == 1 and "only a new VM can adopt disks" in done.stderr
+    assert stack.corral("show", "disk-c").returncode == 1
+
+    # a retained set is deleted only when asked; delete-vm (aetherscale) takes the disks along
+    second = stack.ok("delete", "disk-a").strip().rsplit(" ", 1)[1]
+    path = Path(retained()[second]["path"])
+    assert stack.ok("disk", "delete", second).strip() == f"disk/{second} deleted"
+    assert second not in retained() and not path.exists()
+    assert stack.corral("disk", "delete", second).returncode == 1
+    stack.ok("delete-vm", "--vm-id", "disk-b")
+    assert retained() == {}
+    assert not (stack.root / "state" / "vms" / "disk-b").exists()
+    stack.ok("image", "delete", "scratch")
 
 
 def test_stop_delete_and_aetherscale_aliases(stack: Stack, web1: str, tmp_path: Path) -> None:

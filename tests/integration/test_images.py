@@ -9,6 +9,7 @@ image.
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import hashlib
 import http.server
 import json
@@ -16,13 +17,13 @@ import os
 import stat
 import threading
 import time
-from collections.abc import Iterator
+from collections.abc import AsyncIterator, Iterator
 from dataclasses import dataclass
 from pathlib import Path
 
 import pytest
 
-from corral.errors import Conflict, HostError, NotFound, SpecError
+from corral.errors import Conflict, Forbidden, HostError, NotFound, SpecError
 from corral.host import ImageRecord, ImageStore, find_tool, run_tool
 
 MiB = 1024**2
@@ -306,15 +307,210 @@ async def test_http_500_truncation_and_unreachable_are_host_errors(
     assert_empty(root)
 
 
-async def test_redirects_are_followed_to_http_only(
+async def test_redirects_are_followed_within_the_origin_only(
     server: Server, store: ImageStore, root: Path
 ) -> None:
+    """Issue 9 (SSRF): a redirect is followed to the same scheme, host and port only; any
+    other target (another host name for the same address, https, ftp, file) is refused with
+    an error that names it."""
     record = await store.import_image("moved", f"{server.base}/redirect/~files~small.img")
     assert record.sha256 == hashlib.sha256(SMALL).hexdigest()
-    for target in ("ftp:~~127.0.0.1~x.img", "file:~~~etc~passwd"):
-        with pytest.raises(HostError):
-            await store.import_image("elsewhere", f"{server.base}/redirect/{target}")
-    assert sorted(os.listdir(root)) == [".moved.json", "moved"]
+    record = await store.import_image(
+        "moved-abs", f"{server.base}/redirect/{server.base.replace('/', '~')}~files~small.img"
+    )
+    assert record.sha256 == hashlib.sha256(SMALL).hexdigest()
+    port = server.base.rsplit(":", 1)[1]
+    for target in (
+        f"http://localhost:{port}/files/small.img",
+        f"https://127.0.0.1:{port}/files/small.img",
+        "ftp://127.0.0.1/x.img",
+        "file:///etc/passwd",
+    ):
+        with pytest.raises(SpecError) as caught:
+            await store.import_image(
+                "elsewhere", f"{server.base}/redirect/{target.replace('/', '~')}"
+            )
+        assert issue_locs(caught.value) == ["source"]
+        assert f"to {target}," in str(caught.value)
+    assert sorted(os.listdir(root)) == [".moved-abs.json", ".moved.json", "moved", "moved-abs"]
+
+
+class _Recorder(http.server.BaseHTTPRequestHandler):
+    """The 'internal' service a redirect must not reach: it serves anything, and says so."""
+
+    seen: list[str] = []
+
+    def log_message(self, format: str, *args: object) -> None:
+        pass
+
+    def do_GET(self) -> None:
+        self.seen.append(self.path)
+        self.send_response(200)
+        self.send_header("Content-Length", str(len(SMALL)))
+        self.end_headers()
+        self.wfile.write(SMALL)
+
+
+async def test_redirect_to_another_loopback_port_is_not_followed(
+    server: Server, store: ImageStore, root: Path
+) -> None:
+    """Issue 9: two real servers on 127.0.0.1; the import URL on the first redirects to the
+    second (another port). The second never gets a request; nothing is stored."""
+    _Recorder.seen = []
+    internal = http.server.ThreadingHTTPServer(("127.0.0.1", 0), _Recorder)
+    thread = threading.Thread(target=internal.serve_forever, kwargs={"poll_interval": 0.05})
+    thread.start()
+    try:
+        target = f"http://127.0.0.1:{internal.server_address[1]}/secret/metadata"
+        url = f"{server.base}/redirect/{target.replace('/', '~')}"
+        with pytest.raises(SpecError) as caught:
+            await store.import_image("ssrf", url)
+        assert issue_locs(caught.value) == ["source"]
+        assert target in str(caught.value) and "another scheme, host or port" in str(caught.value)
+        assert _Recorder.seen == []
+        assert_empty(root)
+        # The same URL imported directly (the user's explicit choice) works.
+        record = await store.import_image("direct", target)
+        assert record.sha256 == hashlib.sha256(SMALL).hexdigest()
+        assert _Recorder.seen == ["/secret/metadata"]
+    finally:
+        internal.shutdown()
+        internal.server_close()
+        thread.join(timeout=10)
+
+
+@pytest.mark.parametrize(
+    "source",
+    ["file:///etc/passwd", "FILE:///etc/passwd", "file:/etc/passwd", "ftp://127.0.0.1/x.img",
+     "gopher://127.0.0.1/x", "data:,hello", "jar:file:///x!/y"],
+)  # fmt: skip
+async def test_non_http_schemes_are_refused(store: ImageStore, root: Path, source: str) -> None:
+    """Issue 9: only http and https are fetched; ``file:`` in any spelling is no way around
+    the host-path rules."""
+    with pytest.raises(SpecError) as caught:
+        await store.import_image("x", source)
+    assert issue_locs(caught.value) == ["source"]
+    assert_empty(root)
+
+
+async def test_local_roots_bound_the_file_actually_opened(
+    store: ImageStore, root: Path, tmp_path: Path
+) -> None:
+    """Issue 9: with ``local_roots`` (the daemon's imagePaths) only a file inside is read:
+    not one outside, not through a symlink inside, not through ``..`` after a ``x://``."""
+    allowed = tmp_path / "allowed"
+    allowed.mkdir()
+    (allowed / "ok.img").write_bytes(SMALL)
+    outside = tmp_path / "outside.img"
+    outside.write_bytes(OTHER)
+    (allowed / "link.img").symlink_to(outside)
+    roots = [str(allowed)]
+    record = await store.import_image("ok", str(allowed / "ok.img"), local_roots=roots)
+    assert record.path.read_bytes() == SMALL
+    for source in (
+        str(outside),
+        str(allowed / "link.img"),
+        f"{allowed}/x://../../outside.img",
+        "/etc/passwd",
+    ):
+        with pytest.raises(Forbidden) as caught:
+            await store.import_image("escape", source, local_roots=roots)
+        assert [i.loc for i in caught.value.issues] == ["source"]
+    with pytest.raises(Forbidden):
+        await store.import_image("none", str(allowed / "ok.img"), local_roots=[])
+    assert sorted(os.listdir(root)) == [".ok.json", "ok"]
+
+
+async def test_a_fifo_source_is_refused_at_once(store: ImageStore, tmp_path: Path) -> None:
+    """A FIFO (or a device) never stalls an import: it is not a regular file."""
+    fifo = tmp_path / "fifo.img"
+    os.mkfifo(fifo)
+    try:
+        with pytest.raises(SpecError, match="not a regular file"):
+            await asyncio.wait_for(store.import_image("fifo", str(fifo)), 10)
+    finally:  # unblock a reader stuck in open(), should there be one
+        with contextlib.suppress(OSError):
+            os.close(os.open(fifo, os.O_WRONLY | os.O_NONBLOCK))
+    assert_empty(tmp_path / "images")
+
+
+# --- uploads (import_stream) -----------------------------------------------------------
+
+
+async def _stream(data: bytes, piece: int = 100_000) -> AsyncIterator[bytes]:
+    for start in range(0, len(data), piece):
+        yield data[start : start + piece]
+        await asyncio.sleep(0)
+
+
+async def test_import_stream_is_verified_and_published_like_an_import(
+    store: ImageStore, root: Path
+) -> None:
+    calls: list[tuple[int, int | None]] = []
+    record = await store.import_stream(
+        "up", _stream(BIG), total=len(BIG), source="upload:big.img",
+        checksum=digest("sha512", BIG), progress=lambda d, t: calls.append((d, t)),
+    )  # fmt: skip
+    assert record.path.read_bytes() == BIG
+    assert record.sha256 == hashlib.sha256(BIG).hexdigest()
+    assert record.source == "upload:big.img" and record.format == "raw"
+    assert record.actual_size < len(BIG)  # the zero run became a hole
+    assert stat.S_IMODE(record.path.stat().st_mode) == 0o444
+    assert store.get("up") == record
+    assert calls[0] == (0, len(BIG)) and calls[-1] == (len(BIG), len(BIG))
+    unsized = await store.import_stream("unsized", _stream(SMALL))
+    assert unsized.source == "upload" and unsized.path.read_bytes() == SMALL
+    assert sorted(os.listdir(root)) == [".unsized.json", ".up.json", "unsized", "up"]
+
+
+async def test_import_stream_failures_leave_nothing(
+    store: ImageStore, root: Path, tmp_path: Path
+) -> None:
+    with pytest.raises(SpecError) as caught:
+        await store.import_stream("x", _stream(SMALL), checksum=digest("sha256", b"other"))
+    assert issue_locs(caught.value) == ["checksum"]
+    with pytest.raises(SpecError) as caught:
+        await store.import_stream("x", _stream(SMALL), total=len(SMALL) + 1)
+    assert issue_locs(caught.value) == ["body"]
+    with pytest.raises(SpecError) as caught:
+        await store.import_stream("x", _stream(SMALL), total=len(SMALL) - 1)
+    assert issue_locs(caught.value) == ["body"]
+
+    other = tmp_path / "other.raw"
+    await run_tool(["qemu-img", "create", "-q", "-f", "raw", str(other), "1M"], what="raw")
+    evil = tmp_path / "evil.qcow2"
+    await run_tool(["qemu-img", "create", "-q", "-f", "qcow2", "-b", str(other), "-F", "raw",
+                    str(evil)], what="create a qcow2 with a backing file")  # fmt: skip
+    with pytest.raises(SpecError, match="backing file") as caught:
+        await store.import_stream("evil", _stream(evil.read_bytes()))
+    assert issue_locs(caught.value) == ["source"]
+
+    async def broken() -> AsyncIterator[bytes]:
+        yield SMALL[:1000]
+        raise ConnectionResetError("the client left")
+
+    with pytest.raises(ConnectionResetError):
+        await store.import_stream("x", broken())
+    assert_empty(root)
+
+
+async def test_import_stream_cancellation_leaves_nothing(store: ImageStore, root: Path) -> None:
+    started = asyncio.Event()
+
+    async def endless() -> AsyncIterator[bytes]:
+        while True:
+            yield b"\x01" * 65536
+            started.set()
+            await asyncio.sleep(0.001)
+
+    task = asyncio.create_task(store.import_stream("slow", endless()))
+    await asyncio.wait_for(started.wait(), 10)
+    await asyncio.sleep(0.2)
+    assert any(name.endswith(".tmp") for name in os.listdir(root))
+    task.cancel()
+    with pytest.raises(asyncio.CancelledError):
+        await task
+    assert_empty(root)
 
 
 async def test_missing_local_file_is_a_spec_error(store: ImageStore, tmp_path: Path) -> None:

@@ -41,6 +41,10 @@ def tiny(guest: Any, name: str, *, state: str = "Running", **vm: Any) -> dict[st
     return {"metadata": {"name": name, "labels": {"suite": "manager"}}, "spec": {"vm": spec_vm}}
 
 
+async def _chunks(data: bytes) -> AsyncIterator[bytes]:
+    yield data
+
+
 async def until(check: Callable[[], bool], timeout: float, what: str) -> None:
     deadline = time.monotonic() + timeout
     while not check():
@@ -175,7 +179,7 @@ async def test_lifecycle_live_change_and_delete_keeps_disks(
     base = tmp_path / "base.raw"
     base.write_bytes(b"\0" * 2**20)
     m = await box.open()
-    image = await m.import_image("blank", str(base))
+    image = await m.upload_image("blank", _chunks(base.read_bytes()))  # no imagePaths: no paths
     doc = tiny(tiny_guest, "life", currentRam="256Mi",
                disks=[{"name": "root", "file": {"image": "blank", "size": "64Mi"}}])  # fmt: skip
     await m.create(doc)
@@ -202,13 +206,23 @@ async def test_lifecycle_live_change_and_delete_keeps_disks(
     await m.start("life", wait=BOOT)
     assert box.status("life")["pendingRestart"] == []
 
-    await m.delete("life")
+    inode = overlay.stat().st_ino
+    retained = await m.delete("life")
     assert qemu_pids("life") == []
-    assert overlay.exists(), "a deleted VM keeps its disks unless asked"
+    assert retained is not None, "a deleted VM keeps its disks unless asked"
+    assert (retained.path / "root.qcow2").stat().st_ino == inode
+    assert not overlay.exists(), "kept for the user, never for the next VM of that name"
     assert image.path.exists()
+    with pytest.raises(Conflict, match=f"disk/{retained.id}"):
+        await m.delete_image("blank")  # the retained overlay needs its base
     await m.create({**doc, "metadata": {"name": "life"}})
+    await until(overlay.exists, 60, "the new VM's own overlay")
+    assert overlay.stat().st_ino != inode
     await m.delete("life", delete_disks=True)
     assert not overlay.exists()
+    assert [r.id for r in m.list_retained()] == [retained.id]
+    await m.delete_retained(retained.id)
+    assert m.list_retained() == []
     await m.delete_image("blank")
     assert m.list_images() == []
 

@@ -22,11 +22,13 @@ import pytest
 
 from corral.errors import PolicyError, SpecError
 from corral.spec import HostPolicy
-from tests.integration.test_manager import Box, box, tiny, until  # noqa: F401 (fixture)
+from tests.integration import test_manager
+from tests.integration.test_manager import Box, tiny, until
 
 pytestmark = [pytest.mark.integration, pytest.mark.slow]
 
 BOOT = 150.0
+box = test_manager.box  # the manager-in-a-temp-dir fixture
 
 
 def qemu_img(*args: str) -> None:
@@ -80,12 +82,18 @@ async def test_backing_file_and_data_file_outside_image_paths_are_refused(
     allowed, outside = zones
     secret = outside / "secret.raw"
     secret.write_bytes(b"host secret\n" + bytes(1024 * 1024))
-    qemu_img("create", "-q", "-f", "qcow2", "-b", str(secret), "-F", "raw", str(allowed / "a.qcow2"))
+    qemu_img(
+        "create", "-q", "-f", "qcow2", "-b", str(secret), "-F", "raw", str(allowed / "a.qcow2")
+    )
     qemu_img("create", "-q", "-f", "qcow2", "-o", f"data_file={outside / 'data.raw'}",
              str(allowed / "d.qcow2"), "16M")  # fmt: skip
     # a chain: allowed overlay -> allowed middle -> outside secret
-    qemu_img("create", "-q", "-f", "qcow2", "-b", str(secret), "-F", "raw", str(allowed / "m.qcow2"))
-    qemu_img("create", "-q", "-f", "qcow2", "-b", "m.qcow2", "-F", "qcow2", str(allowed / "c.qcow2"))
+    qemu_img(
+        "create", "-q", "-f", "qcow2", "-b", str(secret), "-F", "raw", str(allowed / "m.qcow2")
+    )
+    qemu_img(
+        "create", "-q", "-f", "qcow2", "-b", "m.qcow2", "-F", "qcow2", str(allowed / "c.qcow2")
+    )
     (allowed / "evil.qcow2").symlink_to(secret)
     policy = HostPolicy(image_paths=[str(Path(tiny_guest.kernel).parent), str(allowed)])
     m = await box.open(policy)
@@ -213,9 +221,7 @@ async def test_generated_display_password_is_locked_and_written_nowhere(
 # --- 8: lifecycle verbs never go through admission -------------------------------------------
 
 
-async def test_stop_and_kill_work_after_the_policy_was_tightened(
-    box: Box, tiny_guest: Any
-) -> None:
+async def test_stop_and_kill_work_after_the_policy_was_tightened(box: Box, tiny_guest: Any) -> None:
     m = await box.open(HostPolicy())
     await m.create(tiny(tiny_guest, "t1"))
     await m.create(tiny(tiny_guest, "t2"))
@@ -300,9 +306,7 @@ async def test_remote_cdrom_is_refused_by_default_and_served_by_qemu_when_allowe
 # --- defence in depth ------------------------------------------------------------------------
 
 
-async def test_qemu_runs_sandboxed_and_unprivileged_by_default(
-    box: Box, tiny_guest: Any
-) -> None:
+async def test_qemu_runs_sandboxed_and_unprivileged_by_default(box: Box, tiny_guest: Any) -> None:
     m = await box.open(HostPolicy())
     await m.create(tiny(tiny_guest, "dd"))
     await until(lambda: box.status("dd").get("state") == "Running", BOOT, "Running")
@@ -380,7 +384,7 @@ def test_bridge_nics_are_made_by_corral_and_qemu_keeps_its_sandbox(
     done = subprocess.run(
         ["unshare", "--mount", "--net", "--propagation", "private", sys.executable,
          str(script), str(tiny_guest.kernel), str(tiny_guest.initrd), tiny_guest.cmdline],
-        capture_output=True, text=True, timeout=300,
+        capture_output=True, text=True, timeout=300, check=False,
         cwd=Path(__file__).resolve().parents[2],
     )  # fmt: skip
     assert done.returncode == 0, done.stderr[-3000:]

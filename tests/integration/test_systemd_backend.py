@@ -650,7 +650,7 @@ async def test_forget_removes_the_unit_and_runtime_files_and_keeps_disks(
 
     systemctl.states[unit] = "failed"
     systemctl.take()
-    await backend.forget("web-1", delete_disks=False)
+    retained = await backend.forget("web-1", delete_disks=False)
     assert systemctl.take() == [
         ["is-active", unit],
         ["disable", unit],
@@ -660,11 +660,21 @@ async def test_forget_removes_the_unit_and_runtime_files_and_keeps_disks(
     assert not backend.unit_path("web-1").exists()
     assert not (backend.run_root / "web-1").exists()
     assert not backend.document_path("web-1").exists()
-    assert disk.read_bytes() == b"disk"
-
-    await backend.forget("web-1", delete_disks=True)
+    # the disks are retained, as by the embedded backend: never inherited by a new web-1
+    assert retained is not None and retained.vm == "web-1"
     assert not (backend.vms_root / "web-1").exists()
-    assert systemctl.take() == [["is-active", unit]]
+    assert (retained.path / "root.qcow2").read_bytes() == b"disk"
+    assert not (retained.path / "vm.yaml").exists()
+    assert backend.retained.all() == [retained]
+
+    await backend.start(document("web-1"))
+    (backend.vms_root / "web-1" / "root.qcow2").write_bytes(b"disk")
+    systemctl.states[unit] = "failed"
+    systemctl.take()
+    assert await backend.forget("web-1", delete_disks=True) is None
+    assert not (backend.vms_root / "web-1").exists()
+    assert backend.retained.all() == [retained]
+    assert systemctl.take()[0] == ["is-active", unit]
 
 
 async def test_reset_is_refused_with_a_pointer_to_restart(backend: SystemdBackend) -> None:

@@ -12,7 +12,6 @@ import pytest
 from corral.host.chain import ChainError, image_chain
 
 
-
 def img(*args: str) -> None:
     subprocess.run(["qemu-img", *args], check=True, capture_output=True)
 
@@ -20,7 +19,9 @@ def img(*args: str) -> None:
 def test_a_chain_is_followed_with_relative_names(tmp_path: Path) -> None:
     img("create", "-q", "-f", "raw", str(tmp_path / "base.raw"), "1M")
     img("create", "-q", "-f", "qcow2", "-b", "base.raw", "-F", "raw", str(tmp_path / "mid.qcow2"))
-    img("create", "-q", "-f", "qcow2", "-b", "mid.qcow2", "-F", "qcow2", str(tmp_path / "top.qcow2"))
+    img(
+        "create", "-q", "-f", "qcow2", "-b", "mid.qcow2", "-F", "qcow2", str(tmp_path / "top.qcow2")
+    )
     links = image_chain(str(tmp_path / "top.qcow2"), "qcow2")
     assert [(Path(link.real).name, link.format) for link in links] == [
         ("top.qcow2", "qcow2"),
@@ -48,7 +49,7 @@ def test_external_data_files_are_refused(tmp_path: Path) -> None:
 
 
 @pytest.mark.parametrize(
-    "backing", ["nbd://127.0.0.1:10809/x", "json:{\"file.filename\":\"/etc/shadow\"}", "a:b"]
+    "backing", ["nbd://127.0.0.1:10809/x", 'json:{"file.filename":"/etc/shadow"}', "a:b"]
 )
 def test_protocol_backing_files_are_never_followed(tmp_path: Path, backing: str) -> None:
     top = tmp_path / "t.qcow2"
@@ -80,6 +81,6 @@ def test_fifos_and_other_formats_are_never_read(tmp_path: Path) -> None:
         image_chain(str(tmp_path / "fifo"), "qcow2")  # returns at once: O_NONBLOCK
     with pytest.raises(ChainError, match="not a regular file"):
         image_chain("/dev/zero", "raw")
-    (tmp_path / "v.vmdk").write_text("# Disk DescriptorFile\nRW 8 FLAT \"/etc/shadow\" 0\n")
+    (tmp_path / "v.vmdk").write_text('# Disk DescriptorFile\nRW 8 FLAT "/etc/shadow" 0\n')
     with pytest.raises(ChainError, match="vmdk"):
         image_chain(str(tmp_path / "v.vmdk"), None)

@@ -3,24 +3,28 @@
 Every error is ``application/problem+json`` (RFC 9457): ``type``, ``title``, ``status``,
 ``detail`` and, for validation and policy errors, ``errors: [{loc, reason}]`` with the field
 path. Bad input is a 4xx, never a 500: bodies are read as JSON and validated by corral's own
-models, so the field paths are the VM document's (``spec.vm.disks[0].file.image``).
+models, so the field paths are the VM document's (``spec.vm.disks[0].file.image``). Before
+any route runs, :class:`~corral.api.limits.BodyLimits` caps each body (413) and the nesting of
+each JSON body (400); ``Last-Event-ID`` is checked before a stream starts (400).
 
 Routes (all under ``/v1`` but the probes)::
 
     GET  /healthz /readyz
     GET  /v1/host                       POST /v1/host/shutdown
-    GET  /v1/vms?state=&label=          POST /v1/vms
+    GET  /v1/vms?state=&label=          POST /v1/vms (?adoptDisks=ID)
     GET|PUT|PATCH|DELETE /v1/vms/{name} (?deleteDisks=true)
     POST /v1/vms/{name}/start|stop|restart|reset|kill (?wait=SECONDS)
     GET  /v1/vms/{name}/events          GET /v1/events   (SSE; ?follow=true streams)
     WS   /v1/vms/{name}/console         POST /v1/vms/{name}/exec
-    GET|POST /v1/images                 DELETE /v1/images/{name}
+    GET|POST /v1/images                 PUT|DELETE /v1/images/{name}   (PUT: upload the bytes)
+    GET  /v1/disks                      DELETE /v1/disks/{id}   (retained by deleted VMs)
 """
 
 from __future__ import annotations
 
 import asyncio
 import json
+import re
 from collections.abc import AsyncIterator
 from typing import Annotated, Any
 
@@ -30,9 +34,11 @@ from fastapi.responses import JSONResponse, Response, StreamingResponse
 from pydantic import BaseModel, ConfigDict, Field
 from pydantic.alias_generators import to_camel
 from starlette.exceptions import HTTPException as StarletteHTTPException
+from starlette.requests import ClientDisconnect
 
 from corral import __version__
 from corral.api.console import proxy_console
+from corral.api.limits import BodyLimits
 from corral.errors import CorralError, FieldIssue, SpecError
 from corral.manager import Manager, ManagerState, StoredEvent, VmRecord
 
@@ -42,6 +48,7 @@ PROBLEM = "application/problem+json"
 _TITLES = {
     400: "Bad Request",
     401: "Unauthorized",
+    403: "Forbidden",
     404: "Not Found",
     405: "Method Not Allowed",
     409: "Conflict",
@@ -54,10 +61,18 @@ _TITLES = {
     504: "Gateway Timeout",
 }
 _MAX_BODY = 4 * 1024 * 1024
+_MAX_EXEC_BODY = 24 * 1024 * 1024  # ExecRequest.stdin takes up to 16 MiB of text
+_MAX_DEPTH = 64
+_BODY_LIMITS = [
+    ("PUT", re.compile(r"/v1/images/[^/]+"), None),  # an upload, streamed into the store
+    ("POST", re.compile(r"/v1/vms/[^/]+/exec"), _MAX_EXEC_BODY),
+]
+_MAX_EVENT_ID = 2**62
+_EVENT_ID = re.compile(r"[0-9]{1,19}")
 VmDoc = dict[str, Any]
 Wait = Annotated[float | None, Query(gt=0, le=86400, description="seconds to wait")]
 Follow = Annotated[bool, Query(description="keep the stream open for new events")]
-After = Annotated[int, Query(ge=0, le=2**62, description="events after this id")]
+After = Annotated[int, Query(ge=0, le=_MAX_EVENT_ID, description="events after this id")]
 
 
 def problem_response(
@@ -123,6 +138,23 @@ async def _json_body(request: Request) -> object:
         return json.loads(raw or b"null")
     except (ValueError, UnicodeDecodeError) as exc:
         raise _ProblemError(400, f"the body is not valid JSON: {exc}") from None
+    except RecursionError:  # BodyLimits refuses deep bodies first; this is the backstop
+        raise _ProblemError(400, "the body nests too deep") from None
+
+
+def _after(request: Request, after: int) -> int:
+    """The event id to resume after: ``Last-Event-ID`` (what an EventSource sends back on
+    reconnect) wins over ``?after=``. A header that is not an event id is a 400, before the
+    stream starts: no int parse of 4301 digits, no id past SQLite's 64-bit integers."""
+    last = request.headers.get("last-event-id", "").strip()
+    if not last:
+        return after
+    if _EVENT_ID.fullmatch(last) is None or int(last) > _MAX_EVENT_ID:
+        shown = last if len(last) <= 40 else f"{last[:40]}… ({len(last)} characters)"
+        raise _ProblemError(
+            400, f"Last-Event-ID {shown!r} is not an event id (an integer 0..{_MAX_EVENT_ID})"
+        )
+    return int(last)
 
 
 class _ProblemError(Exception):
@@ -150,6 +182,10 @@ def create_app(manager: Manager) -> FastAPI:
         version=__version__,
         description="Run and manage QEMU virtual machines without libvirt.",
     )
+    app.add_middleware(
+        BodyLimits, max_body=_MAX_BODY, max_depth=_MAX_DEPTH, routes=_BODY_LIMITS,
+        problem=problem_response,
+    )  # fmt: skip
 
     @app.exception_handler(CorralError)
     async def corral_error(_: Request, exc: CorralError) -> JSONResponse:
@@ -200,7 +236,9 @@ def create_app(manager: Manager) -> FastAPI:
         return data
 
     @app.post("/v1/host/shutdown", tags=["host"])
-    async def host_shutdown(timeout: Annotated[float | None, Query(gt=0)] = None) -> dict[str, str]:
+    async def host_shutdown(
+        timeout: Annotated[float | None, Query(gt=0, le=86400)] = None,
+    ) -> dict[str, str]:
         return await manager.stop_all(timeout)
 
     # --- VMs -------------------------------------------------------------------------------
@@ -213,8 +251,12 @@ def create_app(manager: Manager) -> FastAPI:
         return VmList(items=[_vm(r) for r in manager.list_vms(state=state, label=label)])
 
     @app.post("/v1/vms", status_code=201, tags=["vms"])
-    async def create_vm(document: Annotated[VmDoc, Body()]) -> VmDoc:
-        return _vm(await manager.create(_document(document)))
+    async def create_vm(
+        document: Annotated[VmDoc, Body()],
+        adopt_disks: Annotated[str | None, Query(alias="adoptDisks", max_length=80)] = None,
+    ) -> VmDoc:
+        """``adoptDisks``: a retained set (``GET /v1/disks``) becomes the new VM's data dir."""
+        return _vm(await manager.create(_document(document), adopt_disks=adopt_disks))
 
     @app.get("/v1/vms/{name}", tags=["vms"])
     async def get_vm(name: str) -> VmDoc:
@@ -261,8 +303,13 @@ def create_app(manager: Manager) -> FastAPI:
     async def delete_vm(
         name: str, delete_disks: Annotated[bool, Query(alias="deleteDisks")] = False
     ) -> dict[str, Any]:
-        await manager.delete(name, delete_disks=delete_disks)
-        return {"name": name, "deleted": True, "disksDeleted": delete_disks}
+        retained = await manager.delete(name, delete_disks=delete_disks)
+        return {
+            "name": name,
+            "deleted": True,
+            "disksDeleted": delete_disks,
+            "retainedDisks": retained.id if retained is not None else None,
+        }
 
     @app.post("/v1/vms/{name}/start", tags=["lifecycle"])
     async def start_vm(name: str, wait: Wait = None) -> VmDoc:
@@ -336,13 +383,11 @@ def create_app(manager: Manager) -> FastAPI:
     async def vm_events(
         name: str, request: Request, follow: Follow = False, after: After = 0
     ) -> StreamingResponse:
-        last = request.headers.get("last-event-id", "")
-        return _stream(name, int(last) if last.isdigit() else after, follow)
+        return _stream(name, _after(request, after), follow)
 
     @app.get("/v1/events", tags=["events"], response_class=StreamingResponse)
     async def all_events(request: Request, follow: Follow = False, after: After = 0) -> Any:
-        last = request.headers.get("last-event-id", "")
-        return _stream(None, int(last) if last.isdigit() else after, follow)
+        return _stream(None, _after(request, after), follow)
 
     # --- images ----------------------------------------------------------------------------
 
@@ -354,16 +399,69 @@ def create_app(manager: Manager) -> FastAPI:
 
     @app.post("/v1/images", status_code=201, tags=["images"])
     async def import_image(body: ImageImportRequest) -> dict[str, Any]:
-        """Import (download or copy) and verify an image; progress is published as
-        ``ImageImportProgress`` events on ``/v1/events?follow=true``."""
+        """Import (download, or copy a host path inside the policy's ``imagePaths``: 403
+        otherwise) and verify an image; progress is published as ``ImageImportProgress``
+        events on ``/v1/events?follow=true``."""
         record = await manager.import_image(
             body.name, body.source, checksum=body.checksum, replace=body.replace
         )
+        return record.to_json()
+
+    @app.put(
+        "/v1/images/{name}",
+        status_code=201,
+        tags=["images"],
+        openapi_extra={
+            "requestBody": {
+                "required": True,
+                "content": {
+                    "application/octet-stream": {"schema": {"type": "string", "format": "binary"}}
+                },
+            }
+        },
+    )
+    async def upload_image(
+        name: str,
+        request: Request,
+        checksum: Annotated[str | None, Query(max_length=200)] = None,
+        replace: bool = False,
+        filename: Annotated[
+            str | None, Query(max_length=255, pattern=r"^[^\x00-\x1f\x7f/]+$")
+        ] = None,
+    ) -> dict[str, Any]:
+        """Upload an image's bytes (``application/octet-stream``, streamed to the store, no
+        size cap): verified and published like an import; the client's own file, never a
+        path the daemon opens."""
+        kind = request.headers.get("content-type", "").split(";")[0].strip().lower()
+        if kind != "application/octet-stream":
+            raise _ProblemError(415, f"send application/octet-stream, not {kind or 'nothing'}")
+        length = request.headers.get("content-length", "").strip()
+        total = int(length) if length.isdigit() and len(length) <= 18 else None
+        try:
+            record = await manager.upload_image(
+                name, request.stream(), total=total, filename=filename, checksum=checksum,
+                replace=replace,
+            )  # fmt: skip
+        except ClientDisconnect:
+            raise _ProblemError(400, "the client left before the upload was complete") from None
         return record.to_json()
 
     @app.delete("/v1/images/{name}", tags=["images"])
     async def delete_image(name: str) -> dict[str, Any]:
         await manager.delete_image(name)
         return {"name": name, "deleted": True}
+
+    # --- retained disks --------------------------------------------------------------------
+
+    @app.get("/v1/disks", tags=["disks"])
+    async def list_disks() -> dict[str, list[dict[str, object]]]:
+        """Data dirs of deleted VMs (disks, UUID, TPM, firmware vars), kept until deleted or
+        adopted (``POST /v1/vms?adoptDisks=ID``)."""
+        return {"items": [r.to_json() for r in manager.list_retained()]}
+
+    @app.delete("/v1/disks/{id}", tags=["disks"])
+    async def delete_disks(id: str) -> dict[str, Any]:
+        removed = await manager.delete_retained(id)
+        return {"id": removed.id, "deleted": True}
 
     return app

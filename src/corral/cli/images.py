@@ -2,15 +2,21 @@
 
 from __future__ import annotations
 
+import re
 import threading
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import click
 
 from corral.cli.output import OUTPUT, emit, format_bytes, table
 from corral.cli.vms import client
 
+if TYPE_CHECKING:
+    from corral.client import Client
+
 __all__ = ["image"]
+
+_URL = re.compile(r"[A-Za-z][A-Za-z0-9+.-]*://")
 
 
 @click.group()
@@ -23,17 +29,27 @@ def image() -> None:
 @click.argument("source")
 @click.option("--checksum", default=None, help="sha256:HEX, sha512:HEX or md5:HEX.")
 @click.option("--replace", is_flag=True, help="Replace an image of that name (if unused).")
+@click.option(
+    "--host-path",
+    is_flag=True,
+    help="SOURCE is a path on the daemon's host, read by the daemon (allowed only "
+    "inside the host policy's imagePaths) instead of a local file to upload.",
+)
 @click.option("--no-progress", is_flag=True)
 @click.pass_context
 def import_(
     ctx: click.Context, name: str, source: str, checksum: str | None, replace: bool,
-    no_progress: bool,
+    host_path: bool, no_progress: bool,
 ) -> None:  # fmt: skip
-    """Import SOURCE (a path on the daemon's host, or an http(s) URL) as image NAME.
+    """Import SOURCE as image NAME: an http(s) URL (the daemon downloads it) or a local file
+    (its bytes are uploaded to the daemon, which never opens a path of yours).
 
-    A failed download or a checksum mismatch leaves nothing behind.
+    A failed transfer or a checksum mismatch leaves nothing behind.
     """
     c = client(ctx)
+    if not host_path and _URL.match(source) is None:
+        _report(name, _upload(c, name, source, checksum, replace, no_progress))
+        return
     result: dict[str, Any] = {}
     failure: list[BaseException] = []
 
@@ -50,8 +66,29 @@ def import_(
         _with_progress(ctx, name, worker)
     if failure:
         raise failure[0]
+    _report(name, result)
+
+
+def _report(name: str, result: dict[str, Any]) -> None:
     click.echo(f"image/{name} imported: {result['format']}, "
                f"{format_bytes(result['virtualSize'])}, sha256:{result['sha256']}")  # fmt: skip
+
+
+def _upload(
+    c: Client, name: str, path: str, checksum: str | None, replace: bool, no_progress: bool
+) -> dict[str, Any]:
+    """Send a local file's bytes, with a progress bar of what has gone out."""
+    if no_progress:
+        return c.upload_image(name, path, checksum=checksum, replace=replace)
+    from rich.progress import BarColumn, DownloadColumn, Progress, TransferSpeedColumn
+
+    with Progress("[progress.description]{task.description}", BarColumn(), DownloadColumn(),
+                  TransferSpeedColumn(), transient=True) as progress:  # fmt: skip
+        task = progress.add_task(f"upload {name}", total=None)
+        return c.upload_image(
+            name, path, checksum=checksum, replace=replace,
+            progress=lambda sent, total: progress.update(task, completed=sent, total=total),
+        )  # fmt: skip
 
 
 def _with_progress(ctx: click.Context, name: str, worker: threading.Thread) -> None:

@@ -49,7 +49,7 @@ def cli(
 
 
 def _register() -> None:
-    from corral.cli import host, images, render, run, serve, vms
+    from corral.cli import disks, host, images, render, run, serve, vms
 
     cli.add_command(render.render)
     cli.add_command(render.validate)
@@ -59,6 +59,7 @@ def _register() -> None:
     cli.add_command(serve.serve)
     cli.add_command(serve.token)
     cli.add_command(images.image)
+    cli.add_command(disks.disk)
     vms.register(cli)
 
 

@@ -105,15 +105,16 @@ async def _run(
     sup = VmSupervisor(
         doc, paths, policy, accelerator=resolved, events=JsonLinesSink(stream), boot_marker=marker
     )
-    if not await sup.attach():
-        await sup.start()
-
+    # handlers first: a SIGTERM while qemu starts or is re-attached is a stop request, never
+    # the default death that would leave qemu unsupervised
     loop = asyncio.get_running_loop()
     stop_requested = asyncio.Event()
     reload_now = asyncio.Event()
     for sig in (signal.SIGTERM, signal.SIGINT):
         loop.add_signal_handler(sig, stop_requested.set)
     loop.add_signal_handler(signal.SIGHUP, reload_now.set)
+    if not await sup.attach():
+        await sup.start()
 
     async def watch() -> None:
         config_stamp = _stamp(config)

@@ -20,6 +20,9 @@ __all__ = ["register"]
 _WAIT = click.option("--wait", is_flag=True, help="Wait until the VM reaches the state.")
 _TIMEOUT = click.option("--timeout", type=float, default=300.0, show_default=True,
                         help="Seconds --wait waits.")  # fmt: skip
+_ADOPT = click.option("--adopt-disks", "adopt", default=None, metavar="ID",
+                      help="A new VM takes over these retained disks (corral disk list): "
+                           "disks, UUID, TPM, firmware vars.")  # fmt: skip
 
 
 def client(ctx: click.Context) -> Client:
@@ -56,24 +59,35 @@ def _documents(files: tuple[str, ...]) -> list[dict[str, Any]]:
 @click.command()
 @click.option("-f", "--file", "files", multiple=True, required=True,
               help="VM document(s), YAML; '-' for stdin; several documents per file.")  # fmt: skip
+@_ADOPT
 @click.pass_context
-def apply(ctx: click.Context, files: tuple[str, ...]) -> None:
+def apply(ctx: click.Context, files: tuple[str, ...], adopt: str | None) -> None:
     """Create or update VMs from their documents (declarative, like kubectl apply)."""
     c = client(ctx)
-    for doc in _documents(files):
-        verb, vm = c.apply_vm(doc)
-        click.echo(f"vm/{vm['metadata']['name']} {verb}")
+    adopted = f" with disks {adopt}" if adopt else ""
+    for doc in _one_if_adopting(_documents(files), adopt):
+        verb, vm = c.apply_vm(doc, adopt_disks=adopt)
+        click.echo(f"vm/{vm['metadata']['name']} {verb}{adopted}")
 
 
 @click.command()
 @click.option("-f", "--file", "files", multiple=True, required=True, help="VM document(s).")
+@_ADOPT
 @click.pass_context
-def create(ctx: click.Context, files: tuple[str, ...]) -> None:
-    """Create VMs (an existing name is an error)."""
+def create(ctx: click.Context, files: tuple[str, ...], adopt: str | None) -> None:
+    """Create VMs (an existing name is an error). A new VM starts with empty disks of its
+    own, unless it adopts retained ones."""
     c = client(ctx)
-    for doc in _documents(files):
-        vm = c.create_vm(doc)
-        click.echo(f"vm/{vm['metadata']['name']} created")
+    adopted = f" with disks {adopt}" if adopt else ""
+    for doc in _one_if_adopting(_documents(files), adopt):
+        vm = c.create_vm(doc, adopt_disks=adopt)
+        click.echo(f"vm/{vm['metadata']['name']} created{adopted}")
+
+
+def _one_if_adopting(docs: list[dict[str, Any]], adopt: str | None) -> list[dict[str, Any]]:
+    if adopt is not None and len(docs) != 1:
+        raise click.UsageError(f"--adopt-disks needs exactly one VM document, not {len(docs)}")
+    return docs
 
 
 @click.command("list")
@@ -146,11 +160,13 @@ kill = _lifecycle("kill", None, "Kill qemu now (SIGKILL); the VM stays Stopped."
 @click.option("--delete-disks", is_flag=True, help="Also delete the VM's disks (overlays).")
 @click.pass_context
 def delete(ctx: click.Context, names: tuple[str, ...], delete_disks: bool) -> None:
-    """Stop and delete VMs. Their disks are kept unless --delete-disks."""
+    """Stop and delete VMs. Their disks are retained (corral disk list; no new VM inherits
+    them) unless --delete-disks."""
     c = client(ctx)
     for name in names:
-        c.delete_vm(name, delete_disks=delete_disks)
-        click.echo(f"vm/{name} deleted" + (" with its disks" if delete_disks else ""))
+        retained = c.delete_vm(name, delete_disks=delete_disks).get("retainedDisks")
+        click.echo(f"vm/{name} deleted" + (" with its disks" if delete_disks else "")
+                   + (f"; disks retained as {retained}" if retained else ""))  # fmt: skip
 
 
 @click.command("set")
@@ -320,7 +336,7 @@ def _alias(verb: str, doc: str) -> click.Command:
     def command(ctx: click.Context, vm_id: str, hard: bool) -> None:
         c = client(ctx)
         if verb == "delete":
-            c.delete_vm(vm_id)
+            c.delete_vm(vm_id, delete_disks=True)  # as aetherscale does
         else:
             c.action(vm_id, "kill" if verb == "stop" and hard else verb)
         click.echo(f"vm/{vm_id} {verb}")
@@ -341,5 +357,5 @@ def register(cli: click.Group) -> None:
                     cd, exec_, ip, events, console, create_vm, list_vms,
                     _alias("start", "aetherscale: start a VM."),
                     _alias("stop", "aetherscale: stop a VM (--kill: at once)."),
-                    _alias("delete", "aetherscale: delete a VM.")):  # fmt: skip
+                    _alias("delete", "aetherscale: delete a VM and its disks.")):  # fmt: skip
         cli.add_command(command)

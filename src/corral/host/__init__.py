@@ -2,7 +2,8 @@
 
 The manager's base-image store (:mod:`.images`), overlays and blank disks (:mod:`.overlay`),
 the cloud-init NoCloud seed (:mod:`.seed`), the VM's own OVMF vars (:mod:`.firmware`), its
-software TPM (:mod:`.swtpm`), and the process helpers they share (:mod:`.process`).
+software TPM (:mod:`.swtpm`), the process helpers they share (:mod:`.process`), and the
+capped, rotated logs a running qemu appends to (:mod:`.consolelog`).
 Everything is made once or only on change, published atomically, and never through a shell.
 Failures are :class:`~corral.errors.HostError` naming what to install or what went wrong,
 with the cause chained (the image store also raises SpecError, NotFound and Conflict for

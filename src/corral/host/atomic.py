@@ -20,6 +20,7 @@ import ctypes.util
 import errno
 import os
 import secrets
+import stat
 from pathlib import Path
 
 from corral.errors import HostError
@@ -36,10 +37,15 @@ def temp_sibling(final: Path, tag: str = "tmp") -> Path:
     return final.parent / f".{final.name}.{secrets.token_hex(6)}.{tag}"
 
 
-def ensure_private_dir(directory: Path) -> None:
-    """Create ``directory`` (and parents) with mode 0700 if missing; leave an existing one be."""
+def ensure_private_dir(directory: Path, *, tighten: bool = False) -> None:
+    """Create ``directory`` with mode 0700 if missing (missing parents get the umask's mode,
+    as ``mkdir -p`` gives them); leave an existing one be, unless ``tighten``: then it is made
+    0700 too (a dir corral owns, such as the manager's state dir, created by an older
+    corral with 0755)."""
     try:
         directory.mkdir(mode=0o700, parents=True, exist_ok=True)
+        if tighten and stat.S_IMODE(directory.stat().st_mode) != 0o700:
+            os.chmod(directory, 0o700)
     except OSError as exc:
         raise HostError(f"cannot create directory {directory}: {exc}") from exc
 

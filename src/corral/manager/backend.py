@@ -24,6 +24,7 @@ from pathlib import Path
 from typing import Any, Protocol
 
 from corral.errors import CorralError, NotFound
+from corral.manager.retained import RetainedDisks, RetainedSet
 from corral.runner.config import RunnerPaths, resolve_paths
 from corral.runner.status import VmState
 from corral.runner.supervisor import ExecResult, VmSupervisor
@@ -66,8 +67,11 @@ class Backend(Protocol):
 
     def observe(self, name: str) -> Observed: ...
 
-    async def forget(self, name: str, *, delete_disks: bool) -> None:
-        """The VM is deleted (and stopped): drop runtime files, and its disks if asked."""
+    async def forget(self, name: str, *, delete_disks: bool) -> RetainedSet | None:
+        """The VM is deleted (and stopped): drop runtime files; its data dir (disks, UUID,
+        TPM, firmware vars) is retained for the user (returned) or, if asked, deleted.
+        Implementations call :meth:`RetainedDisks.release`, so a new VM of the same name
+        never inherits it."""
 
     def console_socket(self, name: str) -> Path:
         """The serial console's unix socket of a running VM."""
@@ -98,6 +102,7 @@ class EmbeddedBackend:
         on_status: Callable[[str], None] | None = None,
     ) -> None:
         self.data_root = data_root
+        self.retained = RetainedDisks(data_root)
         self._on_status = on_status
         self.run_root = run_root
         self.policy = policy
@@ -111,6 +116,7 @@ class EmbeddedBackend:
             data_dir=str(self.data_root / doc.name),
             runtime_dir=str(self.run_root / doc.name),
             status_file=str(self.run_root / doc.name / "status.json"),
+            display_secret_file=str(self.data_root / doc.name / "display-secret"),
         )
 
     def _supervisor(self, doc: VmDocument) -> VmSupervisor:
@@ -132,6 +138,7 @@ class EmbeddedBackend:
             self._sups[name] = sup
         elif sup.state in (VmState.STOPPED, VmState.CRASHED):
             sup.doc = doc
+            sup.policy = self.policy
         return sup
 
     def _get(self, name: str) -> VmSupervisor:
@@ -181,13 +188,12 @@ class EmbeddedBackend:
     ) -> ExecResult:
         return await self._get(name).exec(argv, stdin=stdin, timeout=timeout)
 
-    async def forget(self, name: str, *, delete_disks: bool) -> None:
+    async def forget(self, name: str, *, delete_disks: bool) -> RetainedSet | None:
         sup = self._sups.pop(name, None)
         if sup is not None and sup.state not in (VmState.STOPPED, VmState.CRASHED):
             raise CorralError(f"VM {name!r} is still {sup.state.value}")
         shutil.rmtree(self.run_root / name, ignore_errors=True)
-        if delete_disks:
-            shutil.rmtree(self.data_root / name, ignore_errors=True)
+        return await self.retained.release(name, delete=delete_disks)
 
     async def close(self) -> None:
         for sup in list(self._sups.values()):

@@ -23,6 +23,7 @@ from pathlib import Path
 from typing import IO
 
 from corral.errors import Conflict
+from corral.host.atomic import ensure_private_dir
 from corral.manager.config import ManagerConfig
 from corral.manager.manager import Manager
 
@@ -32,7 +33,7 @@ __all__ = ["Service", "daemon_lock", "host_shutdown", "serve"]
 @contextlib.contextmanager
 def daemon_lock(state_dir: Path) -> Iterator[None]:
     """Hold ``<state>/daemon.lock``; Conflict naming the holder's pid if another has it."""
-    state_dir.mkdir(parents=True, exist_ok=True)
+    ensure_private_dir(state_dir, tighten=True)
     path = state_dir / "daemon.lock"
     fd = os.open(path, os.O_RDWR | os.O_CREAT | os.O_CLOEXEC, 0o600)
     try:

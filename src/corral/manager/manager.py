@@ -2,8 +2,8 @@
 
 It keeps what should be (the store), observes what is (the backend), and closes the
 difference. The Python API here (create, replace, patch, start, stop, restart, reset, kill,
-delete, list, get, events, images, stop_all) is what the REST API, the CLI and the other
-interfaces call; it is async, typed, and raises the :mod:`corral.errors` tree.
+delete, list, get, events, images, retained disks, stop_all) is what the REST API, the CLI
+and the other interfaces call; it is async, typed, and raises the :mod:`corral.errors` tree.
 
 Reconciling::
 
@@ -31,7 +31,7 @@ import contextlib
 import copy
 import os
 import time
-from collections.abc import AsyncIterator, Callable, Coroutine, Mapping
+from collections.abc import AsyncIterable, AsyncIterator, Awaitable, Callable, Coroutine, Mapping
 from dataclasses import dataclass
 from enum import StrEnum
 from pathlib import Path
@@ -41,24 +41,37 @@ from corral.errors import (
     Conflict,
     CorralError,
     FieldIssue,
+    Forbidden,
     NotFound,
     PolicyError,
     SpecError,
     Timeout,
 )
-from corral.host.images import ImageRecord, ImageStore
+from corral.host.atomic import ensure_private_dir
+from corral.host.images import ImageRecord, ImageStore, Progress, host_path
 from corral.manager.backend import Backend, EmbeddedBackend, Observed
 from corral.manager.config import ManagerConfig
+from corral.manager.retained import RetainedDisks, RetainedSet
 from corral.manager.store import Store, StoredEvent, VmRecord
 from corral.manager.systemd import SystemdBackend
+from corral.runner.config import check_host
 from corral.runner.status import VmState, now_iso
 from corral.runner.supervisor import ExecResult
-from corral.spec import HostPolicy, VmDocument, check_policy, load_policy, parse_document
-from corral.spec.policy import path_within
+from corral.spec import HostPolicy, VmDocument, load_policy, parse_document
+from corral.spec.policy import DEFAULT_POLICY_FILE, path_within
 
 __all__ = ["Manager", "ManagerState", "json_merge_patch"]
 
-_RUNNER_FIELDS_OWNED = ("data_dir", "runtime_dir", "status_file", "emulator")
+_RUNNER_FIELDS_OWNED = (
+    "data_dir",
+    "runtime_dir",
+    "status_file",
+    "display_secret_file",
+    "emulator",
+)
+"""Runner paths a managed document may not set: under the manager they are the manager's (a
+document naming a FIFO, /dev/zero or another VM's files as its display secret or status file
+would reach the daemon's own I/O)."""
 
 
 class ManagerState(StrEnum):
@@ -106,9 +119,11 @@ class Manager:
     ) -> None:
         self.config = config
         self.policy = policy if policy is not None else load_policy(config.policy_file)
-        config.state_dir.mkdir(parents=True, exist_ok=True)
+        for own in (config.state_dir, config.vms, config.run):  # they hold cloud-init data
+            ensure_private_dir(own, tighten=True)
         self.store = Store(config.store)
         self.images = ImageStore(config.images)
+        self.retained = RetainedDisks(config.vms)
         self.backend: Backend = backend or (
             SystemdBackend.from_config(config, self._on_event)
             if config.backend == "systemd"
@@ -148,6 +163,11 @@ class Manager:
             raise Conflict(f"manager is {self.state.value}")
         self.state = ManagerState.OPENING
         records = self.store.all()
+        try:  # data dirs that no VM owns (left by an older corral): listed, never inherited
+            for orphan in self.retained.retain_orphans({r.name for r in records}):
+                self._record_event(orphan.vm, "DisksRetained", {"retainedDisks": orphan.id})
+        except CorralError as exc:  # create retains them too, or refuses if it cannot
+            self._record_event("", "RetainFailed", {"error": str(exc)})
 
         async def adopt(rec: VmRecord) -> bool:
             try:
@@ -236,11 +256,32 @@ class Manager:
     def get(self, name: str) -> VmRecord:
         return self.store.get(name)
 
-    async def create(self, doc: VmDocument | Mapping[str, Any]) -> VmRecord:
+    async def create(
+        self, doc: VmDocument | Mapping[str, Any], *, adopt_disks: str | None = None
+    ) -> VmRecord:
+        """A new VM starts with an empty data dir (whatever an earlier VM left there is
+        retained), unless ``adopt_disks`` names a retained set (its id, or the name of the VM
+        that left it) to become its data dir: disks, UUID, TPM and firmware vars come back.
+        A refusal changes nothing."""
         document = self._parse(doc)
         self._admit(document)
-        record = self.store.create(document)
-        self._record_event(record.name, "Created", {"generation": record.generation})
+        name = document.name
+        if self.store.find(name) is not None:
+            raise Conflict(f"VM {name!r} already exists")
+        adopted: RetainedSet | None = None
+        if adopt_disks is not None:
+            adopted = self.retained.adopt(adopt_disks, name)
+            data: dict[str, object] = {"adoptedDisks": adopted.id}
+        else:
+            stale = self.retained.retain(name)
+            data = {"retainedDisks": stale.id} if stale is not None else {}
+        try:
+            record = self.store.create(document)
+        except BaseException:
+            if adopted is not None:
+                self.retained.unadopt(adopted, name)
+            raise
+        self._record_event(record.name, "Created", {"generation": record.generation, **data})
         self._write_status(record.name)
         self.kick(record.name)
         return self.store.get(record.name)
@@ -256,11 +297,15 @@ class Manager:
         self.kick(record.name)
         return record
 
-    async def apply(self, doc: VmDocument | Mapping[str, Any]) -> VmRecord:
-        """Create or replace (``kubectl apply``)."""
+    async def apply(
+        self, doc: VmDocument | Mapping[str, Any], *, adopt_disks: str | None = None
+    ) -> VmRecord:
+        """Create or replace (``kubectl apply``); ``adopt_disks`` only when it creates."""
         document = self._parse(doc)
         if self.store.find(document.name) is None:
-            return await self.create(document)
+            return await self.create(document, adopt_disks=adopt_disks)
+        if adopt_disks is not None:
+            raise Conflict(f"VM {document.name!r} exists: only a new VM can adopt disks")
         return await self.replace(document)
 
     async def patch(
@@ -280,19 +325,30 @@ class Manager:
         return await self.replace(merged, resource_version)
 
     async def _set_desired(self, name: str, state: str) -> VmRecord:
+        """Only ``spec.vm.state`` changes: no admission (a host whose policy was tightened can
+        still stop, kill or delete what it runs); starting is admitted by :meth:`start`."""
         for _ in range(20):  # retry on a concurrent writer: this is a read-modify-write
             current = self.store.get(name)
             if current.desired == state:
                 return current
+            data = current.document.model_dump(mode="json", by_alias=True, exclude_none=True)
+            data["spec"]["vm"]["state"] = state
             try:
-                return await self.patch(
-                    name, {"spec": {"vm": {"state": state}}}, current.resource_version
-                )
+                record = self.store.replace(parse_document(data), current.resource_version)
             except Conflict:
                 await asyncio.sleep(0.01)
+                continue
+            self._record_event(name, "SpecChanged", {"generation": record.generation})
+            self.kick(name)
+            return record
         raise Conflict(f"VM {name!r} changes too fast to set its state; retry")
 
     async def start(self, name: str, *, wait: float | None = None) -> VmRecord:
+        current = self.store.get(name)
+        if current.desired != "Running":
+            data = current.document.model_dump(mode="json", by_alias=True, exclude_none=True)
+            data["spec"]["vm"]["state"] = "Running"
+            self._admit(parse_document(data))
         self._backoff.pop(name, None)
         self._last_error.pop(name, None)
         record = await self._set_desired(name, "Running")
@@ -330,19 +386,24 @@ class Manager:
             self._write_status(name)
         return record
 
-    async def delete(self, name: str, *, delete_disks: bool = False) -> None:
-        """Stop the VM gracefully and forget it. Its disks stay unless ``delete_disks``."""
+    async def delete(self, name: str, *, delete_disks: bool = False) -> RetainedSet | None:
+        """Stop the VM gracefully and forget it. Its data dir (disks, UUID, TPM, firmware
+        vars) is retained, and returned, unless ``delete_disks``: no later VM inherits it."""
         self.store.get(name)
         async with self._lock(name):
             await self.backend.stop(name)
-            await self.backend.forget(name, delete_disks=delete_disks)
+            retained = await self.backend.forget(name, delete_disks=delete_disks)
             self.store.delete(name)
             self._applied_generation.pop(name, None)
             self._backoff.pop(name, None)
             timer = self._timers.pop(name, None)
             if timer is not None:
                 timer.cancel()
-            self._publish(self.store.add_event(name, "Deleted", {"deleteDisks": delete_disks}))
+            data: dict[str, object] = {"deleteDisks": delete_disks}
+            if retained is not None:
+                data["retainedDisks"] = retained.id
+            self._publish(self.store.add_event(name, "Deleted", data))
+        return retained
 
     async def wait_for(self, name: str, states: set[str], timeout: float) -> VmRecord:
         deadline = time.monotonic() + timeout
@@ -408,13 +469,18 @@ class Manager:
     # --- the API: images -------------------------------------------------------------------
 
     def image_users(self) -> dict[str, list[str]]:
-        """{image path: [VM names whose disks overlay it]}."""
+        """{image path: [VM names whose disks overlay it, and ``disk/<id>`` for retained
+        disks that do: deleting the image would take their data]}."""
         users: dict[str, list[str]] = {}
         for record in self.store.all():
             for disk in record.document.vm.disks:
                 if disk.file is not None and disk.file.image is not None:
                     path = str(self._image_path(disk.file.image))
                     users.setdefault(path, []).append(record.name)
+        for found in self.retained.all():
+            for overlay in found.disks:
+                if overlay.backing_file is not None:
+                    users.setdefault(overlay.backing_file, []).append(f"disk/{found.id}")
         return users
 
     async def import_image(
@@ -426,11 +492,81 @@ class Manager:
         progress: Callable[[int, int | None], None] | None = None,
         replace: bool = False,
     ) -> ImageRecord:
+        """Import an http(s) URL, or a path on this host inside the policy's ``imagePaths``.
+
+        Whoever calls this (an API client, maybe over TCP) names a file the daemon would
+        read, so a host path is :class:`Forbidden` unless the host offers it: with no
+        ``imagePaths`` every path is refused; a client sends its own file's bytes with
+        :meth:`upload_image` instead.
+        """
+        path = host_path(source)
+        roots = self._import_roots(source, path) if path is not None else None
+        return await self._importing(
+            name, progress, replace,
+            lambda report, users: self.images.import_image(
+                name, source, checksum=checksum, progress=report, replace=replace, users=users,
+                local_roots=roots,
+            ),
+        )  # fmt: skip
+
+    async def upload_image(
+        self,
+        name: str,
+        chunks: AsyncIterable[bytes],
+        *,
+        total: int | None = None,
+        filename: str | None = None,
+        checksum: str | None = None,
+        progress: Callable[[int, int | None], None] | None = None,
+        replace: bool = False,
+    ) -> ImageRecord:
+        """Import the bytes a client sends (``total``: their announced length) as ``name``:
+        verified, probed and published like any import; the record's source is
+        ``upload:FILENAME``."""
+        source = f"upload:{filename}" if filename else "upload"
+        return await self._importing(
+            name, progress, replace,
+            lambda report, users: self.images.import_stream(
+                name, chunks, total=total, source=source, checksum=checksum, progress=report,
+                replace=replace, users=users,
+            ),
+        )  # fmt: skip
+
+    def _import_roots(self, source: str, path: Path) -> list[str]:
+        """The policy's ``imagePaths`` if ``source`` (host path ``path``) may be imported;
+        else raise. The store checks the file it opens against them again."""
         allowed = self.policy.image_paths
-        if "://" not in source and allowed is not None and not path_within(source, allowed):
-            raise PolicyError.of(
-                [FieldIssue("source", f"{source} is outside the host's imagePaths")]
+        policy_file = self.config.policy_file or DEFAULT_POLICY_FILE
+        if allowed is None:
+            raise Forbidden(
+                "refused by host policy",
+                [FieldIssue("source", f"{source} is a path on the daemon's host, and this host "
+                            "allows no host-path imports; set imagePaths in "
+                            f"{policy_file} to the directories images may be imported from, "
+                            "or upload the file (`corral image import NAME ./file` does)")],
+            )  # fmt: skip
+        if not os.path.isabs(source):
+            raise SpecError(
+                "invalid image import",
+                [FieldIssue("source", f"{source!r} must be an absolute path on the daemon's host")],
             )
+        if not path_within(str(path), allowed):
+            raise Forbidden(
+                "refused by host policy",
+                [FieldIssue("source", f"{source} (resolved: {os.path.realpath(path)}) is "
+                            f"outside the host's imagePaths {allowed} ({policy_file})")],
+            )  # fmt: skip
+        return allowed
+
+    async def _importing(
+        self,
+        name: str,
+        progress: Callable[[int, int | None], None] | None,
+        replace: bool,
+        run: Callable[[Progress, list[str]], Awaitable[ImageRecord]],
+    ) -> ImageRecord:
+        """An import's shared part: the VMs a replace must not pull the base from under,
+        progress events, and the ImageImported/ImageImportFailed record."""
         users: list[str] = []
         if replace:
             with contextlib.suppress(NotFound):
@@ -445,9 +581,7 @@ class Manager:
                 progress(done, total)
 
         try:
-            record = await self.images.import_image(
-                name, source, checksum=checksum, progress=report, replace=replace, users=users
-            )
+            record = await run(report, users)
         except CorralError as exc:
             self._record_event("", "ImageImportFailed", {"image": name, "error": str(exc)})
             raise
@@ -461,6 +595,17 @@ class Manager:
     async def delete_image(self, name: str) -> None:
         users = self.image_users().get(str(self.images.path(name)), [])
         await self.images.delete(name, users=users)
+
+    # --- the API: retained disks (data dirs of deleted VMs) ---------------------------------
+
+    def list_retained(self) -> list[RetainedSet]:
+        return self.retained.all()
+
+    async def delete_retained(self, ref: str) -> RetainedSet:
+        """Delete a retained set (by id, or by the name of the VM that left only one)."""
+        removed = await self.retained.delete(ref)
+        self._record_event("", "RetainedDisksDeleted", {"id": removed.id})
+        return removed
 
     # --- admission -------------------------------------------------------------------------
 
@@ -505,9 +650,20 @@ class Manager:
                     )
         if issues:
             raise PolicyError.of(issues)
-        check_policy(self._runtime_document(doc), self.policy)
+        check_host(
+            self._runtime_document(doc),
+            self.policy,
+            forbidden=self._own_dirs(),
+            read_only_ok=[str(self.config.images)],
+        )
         if doc.vm.state == "Running":
             self._check_capacity(doc)
+
+    def _own_dirs(self) -> list[str]:
+        """The manager's own files: no document path may point into them (the image store
+        only through ``file.image``, other VMs' disks and the store never)."""
+        c = self.config
+        return sorted({str(c.state_dir), str(c.images), str(c.vms), str(c.run)})
 
     def _check_capacity(self, doc: VmDocument) -> None:
         cpus, ram = doc.vm.max_cpus, doc.vm.maximum_ram

@@ -12,7 +12,9 @@ so the store is safe to share between the loop and ``asyncio.to_thread`` work.
 
 from __future__ import annotations
 
+import contextlib
 import json
+import os
 import sqlite3
 import threading
 import uuid
@@ -22,7 +24,8 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-from corral.errors import Conflict, NotFound
+from corral.errors import Conflict, HostError, NotFound
+from corral.host.atomic import ensure_private_dir
 from corral.runner.status import now_iso
 from corral.spec import VmDocument, parse_document
 
@@ -104,7 +107,8 @@ class StoredEvent:
 class Store:
     def __init__(self, path: Path) -> None:
         self.path = path
-        path.parent.mkdir(parents=True, exist_ok=True)
+        ensure_private_dir(path.parent)
+        _make_private(path)
         self._db = sqlite3.connect(path, check_same_thread=False, isolation_level=None)
         self._lock = threading.RLock()
         self._parsed: dict[str, tuple[str, VmDocument]] = {}
@@ -269,7 +273,7 @@ class Store:
 
     def events(self, vm: str | None = None, after: int = 0, limit: int = 1000) -> list[StoredEvent]:
         query = "SELECT id, vm, ts, kind, data FROM events WHERE id > ?"
-        args: list[Any] = [after]
+        args: list[Any] = [min(after, 2**63 - 1)]  # SQLite integers are 64-bit: no id is past
         if vm is not None:
             query += " AND vm = ?"
             args.append(vm)
@@ -278,6 +282,24 @@ class Store:
         with self._lock:
             rows = self._db.execute(query, args).fetchall()
         return [StoredEvent(r[0], r[1], r[2], r[3], json.loads(r[4])) for r in rows]
+
+
+def _make_private(path: Path) -> None:
+    """The store holds cloud-init data (passwords, keys): it and its -wal/-shm/-journal files
+    are 0600, as libvirt and Incus keep theirs. SQLite gives the files it creates the mode
+    of the database file, so creating that one 0600 first is enough for new stores; the
+    chmod tightens a store an older corral made 0644."""
+    try:
+        fd = os.open(path, os.O_RDWR | os.O_CREAT | os.O_CLOEXEC | os.O_NOFOLLOW, 0o600)
+        try:
+            os.fchmod(fd, 0o600)
+        finally:
+            os.close(fd)
+        for suffix in ("-wal", "-shm", "-journal"):
+            with contextlib.suppress(FileNotFoundError):
+                os.chmod(path.with_name(path.name + suffix), 0o600)
+    except OSError as exc:
+        raise HostError(f"cannot open the store {path}: {exc}") from exc
 
 
 def _dump(doc: VmDocument) -> str:

@@ -60,6 +60,7 @@ from corral.errors import Conflict, CorralError, HostError, NotFound, SpecError
 from corral.host import pid_alive
 from corral.host.atomic import ensure_private_dir, publish_replace, temp_sibling
 from corral.manager.backend import EventCallback, Observed
+from corral.manager.retained import RetainedDisks, RetainedSet
 from corral.runner.changes import pending_restart
 from corral.runner.status import VmState, make_event, now_iso
 from corral.runner.supervisor import ExecResult
@@ -352,6 +353,7 @@ class SystemdBackend:
         event_poll: float = 0.5,
     ) -> None:
         self.vms_root = vms_root.absolute()
+        self.retained = RetainedDisks(self.vms_root)
         self.run_root = run_root.absolute()
         self.user = user
         self.unit_dir = (unit_dir or _default_unit_dir(user)).absolute()
@@ -424,6 +426,7 @@ class SystemdBackend:
             dataDir=str(self.vms_root / doc.name),
             runtimeDir=str(self.run_root / doc.name),
             statusFile=str(self.status_path(doc.name)),
+            displaySecretFile=str(self.vms_root / doc.name / "display-secret"),
         )
         data["runner"] = runner
         return parse_document(data, base_dir=Path.cwd())
@@ -666,9 +669,9 @@ class SystemdBackend:
         data["unit"] = unit
         return Observed(state, data)
 
-    async def forget(self, name: str, *, delete_disks: bool) -> None:
+    async def forget(self, name: str, *, delete_disks: bool) -> RetainedSet | None:
         """Disable and remove the unit, drop the runtime dir and vm.yaml; the data dir (the
-        disks) goes only with ``delete_disks``."""
+        disks) is retained (:mod:`corral.manager.retained`), or deleted with ``delete_disks``."""
         self._require_open()
         unit = unit_name(name)
         active = await self.is_active(name)
@@ -686,8 +689,7 @@ class SystemdBackend:
         self._tails.pop(name, None)
         shutil.rmtree(self.run_root / name, ignore_errors=True)
         self.document_path(name).unlink(missing_ok=True)
-        if delete_disks:
-            shutil.rmtree(self.vms_root / name, ignore_errors=True)
+        return await self.retained.release(name, delete=delete_disks)
 
     async def close(self) -> None:
         """Stop following events; every unit keeps running (nothing to detach)."""

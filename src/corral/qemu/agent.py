@@ -8,28 +8,96 @@ from before the guest rebooted), which ``QMPClient`` refuses. The contract:
   everything up to the 0xFF delimiter and the matching reply: after it, replies line up.
 * Any timeout or garbled reply marks the session out of sync; the next call syncs again.
 * One command at a time (a lock): the agent has no ids to route replies by.
+* Everything the guest answers is the guest's word: checked before use. A reply that is not
+  what the protocol says (not JSON, wrong types, an address that does not parse, a line over
+  the reader's limit) raises :class:`AgentReplyError` (the session is dropped and re-synced
+  by the next call); lists are cut to bounds (:data:`MAX_INTERFACES` interfaces of
+  :data:`MAX_ADDRESSES` addresses, :data:`MAX_VCPUS` vCPUs) and strings to lengths, so
+  nothing a guest says grows the host's memory, status or store past them. Callers get
+  :class:`AgentError` (or a subclass) and nothing else from a guest.
+
+Errors::
+
+    QemuError
+     └── AgentError            no answer, the socket closed, or the agent reported an error
+          └── AgentReplyError  an answer that is not what the protocol says
 """
 
 from __future__ import annotations
 
 import asyncio
 import base64
+import binascii
 import contextlib
+import ipaddress
 import json
 import random
 import time
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import cast
+from typing import TypeVar, cast
 
 from corral.errors import QemuError
 
-__all__ = ["AgentError", "ExecResult", "GuestAgent", "GuestInterface"]
+__all__ = [
+    "MAX_ADDRESSES",
+    "MAX_INTERFACES",
+    "MAX_VCPUS",
+    "AgentError",
+    "AgentReplyError",
+    "ExecResult",
+    "GuestAgent",
+    "GuestInterface",
+]
+
+MAX_INTERFACES = 16
+"""Interfaces taken from one ``guest-network-get-interfaces`` reply; the rest is ignored."""
+MAX_ADDRESSES = 16
+"""Addresses taken per interface; the rest is ignored."""
+MAX_VCPUS = 4096
+"""vCPUs taken from one ``guest-get-vcpus`` reply (qemu's x86 limit)."""
+_MAX_NAME = 64  # interface names, MAC addresses (Linux names have 15 bytes)
+_MAX_ADDRESS_TEXT = 64  # an IPv6 address with a scope id is shorter
+_MAX_ERROR_TEXT = 200  # the agent's own error descriptions, quoted in ours
+
+_T = TypeVar("_T")
 
 
 class AgentError(QemuError):
     """The guest agent did not answer, or answered with an error."""
+
+
+class AgentReplyError(AgentError):
+    """The guest agent answered something the protocol does not allow (the guest's fault)."""
+
+
+def _clip(text: str, limit: int) -> str:
+    return text if len(text) <= limit else text[:limit] + "..."
+
+
+def _expect(value: object, kind: type[_T], what: str) -> _T:
+    if not isinstance(value, kind) or (kind is int and isinstance(value, bool)):
+        raise AgentReplyError(f"{what}: expected {kind.__name__}, got {type(value).__name__}")
+    return value
+
+
+def _b64(value: object, what: str) -> bytes:
+    try:
+        return base64.b64decode(_expect(value, str, what), validate=True)
+    except (binascii.Error, ValueError) as exc:
+        raise AgentReplyError(f"{what}: not base64") from exc
+
+
+def _address(value: object, what: str) -> str:
+    """An address as the guest reported it, checked to be one; normalised, scope id dropped."""
+    text = _expect(value, str, what)
+    if len(text) > _MAX_ADDRESS_TEXT:
+        raise AgentReplyError(f"{what}: {len(text)} characters is no IP address")
+    try:
+        return str(ipaddress.ip_address(text.partition("%")[0]))
+    except ValueError as exc:
+        raise AgentReplyError(f"{what}: {_clip(text, 40)!r} is no IP address") from exc
 
 
 @dataclass(frozen=True)
@@ -79,7 +147,10 @@ class GuestAgent:
         self._writer.write(json.dumps(message).encode() + b"\n")
         await self._writer.drain()
 
-    async def _read_reply(self, deadline: float) -> dict[str, object]:
+    async def _read_reply(self, deadline: float, *, strict: bool = False) -> dict[str, object]:
+        """The next JSON object. Before a sync (not ``strict``) anything else is stale and
+        skipped; after it, anything else is an :class:`AgentReplyError`. A line over the
+        reader's limit raises ``ValueError``."""
         assert self._reader is not None
         while True:
             remaining = deadline - time.monotonic()
@@ -93,10 +164,14 @@ class GuestAgent:
                 continue
             try:
                 reply = json.loads(line)
-            except ValueError:
-                continue
+            except (ValueError, RecursionError):
+                reply = None
             if isinstance(reply, dict):
                 return cast(dict[str, object], reply)
+            if strict:
+                raise AgentReplyError(
+                    f"not a JSON object ({len(line)} bytes: {_clip(repr(line[:40]), 60)})"
+                )
 
     async def _sync(self, timeout: float) -> None:
         assert self._reader is not None
@@ -128,6 +203,9 @@ class GuestAgent:
         except (TimeoutError, asyncio.IncompleteReadError, OSError) as exc:
             await self.close()
             raise AgentError(f"the guest agent did not answer within {timeout:g}s") from exc
+        except ValueError as exc:  # a line, or stale data, over the reader's limit
+            await self.close()
+            raise AgentReplyError(f"guest-sync: {exc}") from exc
 
     async def execute(
         self,
@@ -144,56 +222,73 @@ class GuestAgent:
                 message["arguments"] = dict(arguments)
             try:
                 await self._send(message)
-                reply = await self._read_reply(time.monotonic() + timeout)
+                reply = await self._read_reply(time.monotonic() + timeout, strict=True)
             except (TimeoutError, OSError, asyncio.IncompleteReadError) as exc:
                 await self.close()
                 raise AgentError(f"{command}: no answer from the guest agent") from exc
+            except AgentReplyError as exc:
+                await self.close()
+                raise AgentReplyError(f"{command}: {exc}") from exc
+            except ValueError as exc:  # LimitOverrunError's readline form
+                await self.close()
+                raise AgentReplyError(f"{command}: reply over the reader's limit") from exc
             if "error" in reply:
                 err = reply["error"]
                 desc = err.get("desc") if isinstance(err, dict) else err
-                raise AgentError(f"{command}: {desc}")
-            return reply.get("return")
+                raise AgentError(f"{command}: {_clip(str(desc), _MAX_ERROR_TEXT)}")
+            if "return" not in reply:
+                raise AgentReplyError(f"{command}: a reply with neither return nor error")
+            return reply["return"]
 
     async def ping(self, timeout: float = 5.0) -> None:
         await self.execute("guest-ping", timeout=timeout)
 
     async def interfaces(self) -> list[GuestInterface]:
-        result = await self.execute("guest-network-get-interfaces")
-        found: list[GuestInterface] = []
-        for item in cast(list[dict[str, object]], result or []):
-            addrs = cast(list[dict[str, object]], item.get("ip-addresses") or [])
-            found.append(
-                GuestInterface(
-                    name=str(item.get("name")),
-                    mac=cast(str | None, item.get("hardware-address")),
-                    addresses=tuple(str(a.get("ip-address")) for a in addrs),
-                )
-            )
-        return found
+        """The guest's interfaces: at most :data:`MAX_INTERFACES`, each with at most
+        :data:`MAX_ADDRESSES` addresses, every one checked to be an IP address."""
+        return _interfaces(await self.execute("guest-network-get-interfaces"))
 
     async def ips(self) -> list[str]:
-        """The guest's addresses except loopback and IPv6 link-local ones."""
-        return [
-            a
-            for iface in await self.interfaces()
-            if iface.name != "lo"
-            for a in iface.addresses
-            if not a.startswith(("127.", "::1", "fe80:"))
-        ]
+        """The guest's addresses except loopback and IPv6 link-local ones (bounded as
+        :meth:`interfaces` is)."""
+        found: list[str] = []
+        for iface in await self.interfaces():
+            if iface.name == "lo":
+                continue
+            for text in iface.addresses:
+                addr = ipaddress.ip_address(text)
+                if addr.is_loopback or (addr.version == 6 and addr.is_link_local):
+                    continue
+                found.append(text)
+        return found
 
     async def vcpus(self) -> list[dict[str, object]]:
-        return cast(list[dict[str, object]], await self.execute("guest-get-vcpus"))
+        """``guest-get-vcpus``: at most :data:`MAX_VCPUS` entries, each with an int
+        ``logical-id`` and bool ``online``/``can-offline`` (when given)."""
+        what = "guest-get-vcpus"
+        found: list[dict[str, object]] = []
+        for item in _expect(await self.execute(what), list, what)[:MAX_VCPUS]:
+            cpu = _expect(item, dict, what)
+            entry: dict[str, object] = {
+                "logical-id": _expect(cpu.get("logical-id"), int, f"{what} logical-id"),
+                "online": _expect(cpu.get("online"), bool, f"{what} online"),
+            }
+            if "can-offline" in cpu:
+                entry["can-offline"] = _expect(cpu["can-offline"], bool, f"{what} can-offline")
+            found.append(entry)
+        return found
 
     async def online_all_vcpus(self) -> int:
         """Bring every offline, hot-pluggable vCPU online; returns how many were changed."""
         offline = [
             {"logical-id": c["logical-id"], "online": True}
             for c in await self.vcpus()
-            if not c.get("online") and c.get("can-offline", True)
+            if not c["online"] and c.get("can-offline", True)
         ]
         if not offline:
             return 0
-        return int(cast(int, await self.execute("guest-set-vcpus", {"vcpus": offline})))
+        done = await self.execute("guest-set-vcpus", {"vcpus": offline})
+        return _expect(done, int, "guest-set-vcpus")
 
     async def exec(
         self,
@@ -215,18 +310,20 @@ class GuestAgent:
             args["input-data"] = base64.b64encode(stdin).decode()
         if env:
             args["env"] = list(env)
-        started = cast(dict[str, object], await self.execute("guest-exec", args))
-        pid = started["pid"]
+        started = _expect(await self.execute("guest-exec", args), dict, "guest-exec")
+        pid = _expect(started.get("pid"), int, "guest-exec pid")
         deadline = time.monotonic() + timeout
         delay = 0.02
         while True:
-            status = cast(dict[str, object], await self.execute("guest-exec-status", {"pid": pid}))
-            if status.get("exited"):
+            what = "guest-exec-status"
+            status = _expect(await self.execute(what, {"pid": pid}), dict, what)
+            if _expect(status.get("exited"), bool, f"{what} exited"):
+                code, sig = status.get("exitcode"), status.get("signal")
                 return ExecResult(
-                    exit_code=cast(int | None, status.get("exitcode")),
-                    signal=cast(int | None, status.get("signal")),
-                    stdout=base64.b64decode(cast(str, status.get("out-data", ""))),
-                    stderr=base64.b64decode(cast(str, status.get("err-data", ""))),
+                    exit_code=None if code is None else _expect(code, int, f"{what} exitcode"),
+                    signal=None if sig is None else _expect(sig, int, f"{what} signal"),
+                    stdout=_b64(status.get("out-data", ""), f"{what} out-data"),
+                    stderr=_b64(status.get("err-data", ""), f"{what} err-data"),
                     truncated=bool(status.get("out-truncated") or status.get("err-truncated")),
                 )
             if time.monotonic() > deadline:
@@ -236,18 +333,41 @@ class GuestAgent:
 
     async def read_file(self, path: str, *, limit: int = 16 * 1024 * 1024) -> bytes:
         """Read a whole file from the guest (``guest-file-open/read/close``)."""
-        handle = await self.execute("guest-file-open", {"path": path, "mode": "r"})
+        what = "guest-file-read"
+        handle = _expect(
+            await self.execute("guest-file-open", {"path": path, "mode": "r"}),
+            int,
+            "guest-file-open",
+        )
         data = bytearray()
         try:
             while len(data) < limit:
-                chunk = cast(
-                    dict[str, object],
-                    await self.execute("guest-file-read", {"handle": handle, "count": 65536}),
-                )
-                data += base64.b64decode(cast(str, chunk.get("buf-b64", "")))
+                count = min(65536, limit - len(data))
+                args = {"handle": handle, "count": count}
+                chunk = _expect(await self.execute(what, args), dict, what)
+                data += _b64(chunk.get("buf-b64", ""), f"{what} buf-b64")[:count]
                 if chunk.get("eof"):
                     break
         finally:
             with contextlib.suppress(AgentError):
                 await self.execute("guest-file-close", {"handle": handle})
         return bytes(data)
+
+
+def _interfaces(result: object) -> list[GuestInterface]:
+    """A ``guest-network-get-interfaces`` reply, checked and cut to bounds."""
+    what = "guest-network-get-interfaces"
+    found: list[GuestInterface] = []
+    for item in _expect(result, list, what)[:MAX_INTERFACES]:
+        iface = _expect(item, dict, f"{what} entry")
+        name = _expect(iface.get("name"), str, f"{what} name")
+        mac = iface.get("hardware-address")
+        if mac is not None:
+            mac = _clip(_expect(mac, str, f"{what} hardware-address"), _MAX_NAME)
+        listed = _expect(iface.get("ip-addresses") or [], list, f"{what} ip-addresses")
+        addresses = tuple(
+            _address(_expect(a, dict, f"{what} address").get("ip-address"), what)
+            for a in listed[:MAX_ADDRESSES]
+        )
+        found.append(GuestInterface(_clip(name, _MAX_NAME), mac, addresses))
+    return found

@@ -10,7 +10,8 @@ the manager daemon. It owns:
 * **stop**: ACPI powerdown, wait up to ``powerdownTimeout``, ``quit``, SIGKILL; swtpm after.
 * **apply**: a new document: live changes over QMP and the guest agent, the rest reported as
   pending restart; a refused document changes nothing.
-* **watch**: qemu's exit (Crashed when nobody asked), QMP events, the guest agent.
+* **watch**: qemu's exit (Crashed when nobody asked), QMP events, the guest agent (whose
+  replies are checked and bounded), and console.log/qemu.log (rotated at the policy's cap).
 
 State machine (methods are guarded by state)::
 
@@ -47,7 +48,8 @@ from corral.host import (
     process_exe_name,
     read_pidfile,
 )
-from corral.qemu.agent import AgentError, ExecResult, GuestAgent
+from corral.host.consolelog import LogFollower, needs_rotation, rotate
+from corral.qemu.agent import AgentError, AgentReplyError, ExecResult, GuestAgent
 from corral.qemu.fingerprint import find_emulator, find_firmware, resolve_accelerator
 from corral.qemu.monitor import Monitor, QmpEvent
 from corral.runner.changes import cdrom_media, pending_restart, read_display_secret
@@ -69,6 +71,8 @@ __all__ = ["ExecResult", "ExitInfo", "VmSupervisor"]
 _QUIT_WAIT = 10.0
 _KILL_WAIT = 5.0
 _AGENT_POLL = 5.0
+_AGENT_REPORT_EVERY = 60.0  # at most one GuestAgentReplyInvalid event a minute
+_LOG_CHECK = 0.5  # how often console.log and qemu.log are checked against their cap
 
 
 @dataclass(frozen=True)
@@ -457,6 +461,7 @@ class VmSupervisor:
             self._spawn_task(self._agent_loop())
         if self._boot_marker:
             self._spawn_task(self._watch_console())
+        self._spawn_task(self._rotate_logs())
 
     async def _pump_events(self) -> None:
         monitor = self._monitor
@@ -565,7 +570,9 @@ class VmSupervisor:
 
     def _stderr_tail(self, lines: int = 20) -> str:
         try:
-            text = self.files.stderr.read_text(errors="replace")
+            with open(self.files.stderr, "rb") as f:
+                f.seek(max(0, f.seek(0, os.SEEK_END) - 16384))
+                text = f.read().decode(errors="replace")
         except OSError:
             return ""
         return "\n".join(text.splitlines()[-lines:])
@@ -574,6 +581,7 @@ class VmSupervisor:
         agent = self._agent
         assert agent is not None
         last_ips = 0.0
+        last_report, suppressed = -_AGENT_REPORT_EVERY, 0
         while True:
             try:
                 await agent.sync(timeout=3)
@@ -594,22 +602,54 @@ class VmSupervisor:
                         self._event("GuestAddresses", ips=ips)
                         self._publish()
                 await asyncio.sleep(1.0)
+            except AgentReplyError as exc:  # the guest's word, refused: keep the last good one
+                if time.monotonic() - last_report >= _AGENT_REPORT_EVERY:
+                    last_report = time.monotonic()
+                    self._event("GuestAgentReplyInvalid", error=str(exc), suppressed=suppressed)
+                    suppressed = 0
+                else:
+                    suppressed += 1
+                await asyncio.sleep(1.0)
             except AgentError:
                 self._condition(Condition.AGENT_CONNECTED, False, "GuestAgentSilent")
                 await asyncio.sleep(1.0)
 
     async def _watch_console(self) -> None:
+        """Booted when the boot marker shows on the serial console: console.log is read in
+        bounded chunks from where qemu started, across rotations."""
         marker = (self._boot_marker or "").encode()
+        log = LogFollower(self.files.console_log, self._console_offset)
+        carry = b""  # the end of the last chunk: a marker may straddle two
         while not self.status.condition(Condition.BOOTED):
-            try:
-                with open(self.files.console_log, "rb") as f:
-                    f.seek(self._console_offset)
-                    if marker in f.read():
-                        self._condition(Condition.BOOTED, True, "SerialMarker")
-                        return
-            except OSError:
-                pass
-            await asyncio.sleep(0.1)
+            chunk = log.read()
+            if not chunk:
+                await asyncio.sleep(0.1)
+                continue
+            window = carry + chunk
+            if marker in window:
+                self._condition(Condition.BOOTED, True, "SerialMarker")
+                return
+            carry = window[len(window) - len(marker) + 1 :] if len(marker) > 1 else b""
+            await asyncio.sleep(0)
+
+    async def _rotate_logs(self) -> None:
+        """console.log (what the guest prints) and qemu.log, capped at the host policy's
+        ``consoleLogMaxSize`` and rotated by copy-and-truncate, one old file kept
+        (:mod:`corral.host.consolelog`): a guest cannot fill the host's disk."""
+        cap = self.policy.console_log_max_size
+        failed: set[Path] = set()
+        while True:
+            await asyncio.sleep(_LOG_CHECK)
+            for log in (self.files.console_log, self.files.stderr):
+                if not needs_rotation(log, cap):
+                    continue
+                try:
+                    await asyncio.to_thread(rotate, log)
+                    failed.discard(log)
+                except OSError as exc:
+                    if log not in failed:  # once per failure streak, not every half second
+                        failed.add(log)
+                        self._event("LogRotateFailed", file=str(log), error=str(exc))
 
     # --- live values -----------------------------------------------------------------------
 

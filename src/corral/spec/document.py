@@ -77,7 +77,12 @@ def issues_from_validation(exc: ValidationError) -> list[FieldIssue]:
             reason = reason.removeprefix("Value error, ")
         elif kind in ("literal_error", "enum") and "expected" in ctx:
             reason = f"must be one of {ctx['expected']}"
-        if kind not in ("missing", "extra_forbidden") and "input" in err and _short(err["input"]):
+        if (
+            kind not in ("missing", "extra_forbidden")
+            and "input" in err
+            and _short(err["input"])
+            and "cloudInit" not in loc  # passwords and keys: never quoted in errors and events
+        ):
             reason = f"{reason} (got {err['input']!r})"
         issue = FieldIssue(_format_loc(loc), reason)
         if issue not in issues:

@@ -135,6 +135,12 @@ class HostPolicy(BaseModel):
         description="user qemu drops to after opening its files (nobody if missing); null: "
         "stay root",
     )
+    console_log_max_size: ByteSize = Field(
+        default=2 * 1024**2,
+        ge=4096,
+        description="a VM's console.log (and qemu.log) is rotated at this size, one old file "
+        "kept (virtlogd's 2 MiB by default)",
+    )
 
     @field_validator("bridge_helper")
     @classmethod
