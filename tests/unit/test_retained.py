@@ -24,13 +24,13 @@ UUID = "2b6c0a0e-7f51-4bd4-9d1a-6e0f6b9f4c11"
 
 
 def qcow2(path: Path, virtual_size: int, payload: bytes = b"", backing: str = "") -> None:
-    """A file with a qcow2 header (magic, version 3, backing file offset and length, size at
-    byte 24), its backing file name and some guest data."""
+    """A file with a qcow2 v2 header (magic, version, backing file offset and length, size at
+    byte 24, no header extensions), its backing file name at 512 and some guest data."""
     name = backing.encode()
-    offset = (64 if name else 0).to_bytes(8, "big")
-    header = b"QFI\xfb" + (3).to_bytes(4, "big") + offset + len(name).to_bytes(4, "big")
+    offset = (512 if name else 0).to_bytes(8, "big")
+    header = b"QFI\xfb" + (2).to_bytes(4, "big") + offset + len(name).to_bytes(4, "big")
     header += bytes(4) + virtual_size.to_bytes(8, "big")
-    path.write_bytes(header.ljust(64, b"\0") + name + payload)
+    path.write_bytes(header.ljust(512, b"\0") + name + payload)
 
 
 def plant(data_dir: Path, marker: bytes, uuid: str = UUID) -> None:

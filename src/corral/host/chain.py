@@ -31,7 +31,16 @@ from corral.spec import HostPolicy, VmDocument
 from corral.spec.models import is_remote_image
 from corral.spec.policy import path_within
 
-__all__ = ["MAX_DEPTH", "ChainLink", "chain_issues", "image_chain", "probe_format"]
+__all__ = [
+    "MAX_DEPTH",
+    "ChainError",
+    "ChainLink",
+    "Qcow2Header",
+    "chain_issues",
+    "image_chain",
+    "probe_format",
+    "read_qcow2",
+]
 
 MAX_DEPTH = 16
 _QCOW2_MAGIC = b"QFI\xfb"
@@ -95,16 +104,30 @@ def probe_format(head: bytes) -> str:
 
 
 @dataclass(frozen=True)
-class _Qcow2:
+class Qcow2Header:
+    """What a qcow2 header says about the files behind it, and the guest-visible size."""
+
+    virtual_size: int
     backing: str | None
     backing_format: str | None
     data_file: bool
 
 
-def _parse_qcow2(head: bytes) -> _Qcow2:
+def read_qcow2(path: str) -> Qcow2Header | None:
+    """The header of a qcow2 file (read without blocking, see :func:`_read_head`); None if
+    ``path`` is missing or not a qcow2 image. Raises :class:`ChainError` if it cannot be read
+    safely or the header is broken."""
+    head = _read_head(path)
+    if head is None or not head.startswith(_QCOW2_MAGIC):
+        return None
+    return _parse_qcow2(head)
+
+
+def _parse_qcow2(head: bytes) -> Qcow2Header:
     if len(head) < 72:
         raise ChainError("truncated qcow2 header")
     version, backing_offset, backing_size = struct.unpack_from(">IQI", head, 4)
+    (virtual_size,) = struct.unpack_from(">Q", head, 24)
     backing = None
     if backing_offset:
         if backing_size > 1023 or backing_offset + backing_size > len(head):
@@ -131,7 +154,7 @@ def _parse_qcow2(head: bytes) -> _Qcow2:
         elif kind == _EXT_DATA_FILE:
             data_file = True
         ext_at += 8 + ((length + 7) & ~7)
-    return _Qcow2(backing, backing_format, data_file)
+    return Qcow2Header(virtual_size, backing, backing_format, data_file)
 
 
 def image_chain(path: str, fmt: str | None = None) -> list[ChainLink]:

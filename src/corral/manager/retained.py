@@ -36,6 +36,7 @@ from pathlib import Path
 
 from corral.errors import Conflict, HostError, NotFound
 from corral.host.atomic import ensure_private_dir
+from corral.host.chain import ChainError, read_qcow2
 from corral.runner.status import now_iso, write_atomic
 from corral.spec.models import DNS1123_LABEL
 
@@ -44,7 +45,6 @@ __all__ = ["RECORD_FILE", "RetainedDisk", "RetainedDisks", "RetainedSet"]
 RECORD_FILE = "retained.json"
 _AREA = ".retained"
 _ID = re.compile(r"(?P<vm>[a-z0-9](?:[-a-z0-9]{0,61}[a-z0-9])?)\.[0-9a-f]{8}")
-_QCOW2_MAGIC = b"QFI\xfb"
 _MAX_RECORD = 64 * 1024
 
 
@@ -266,19 +266,12 @@ def _qcow2_header(path: Path, on_disk: int) -> tuple[int, str | None]:
     """A qcow2's guest-visible size and backing file name, from its header (no qemu-img:
     listing stays cheap); for anything else its length and None."""
     try:
-        with open(path, "rb") as f:
-            head = f.read(32)
-            if len(head) < 32 or head[:4] != _QCOW2_MAGIC:
-                return on_disk, None
-            offset = int.from_bytes(head[8:16], "big")
-            length = int.from_bytes(head[16:20], "big")
-            backing = None
-            if offset and 0 < length <= 1023:
-                f.seek(offset)
-                backing = f.read(length).decode(errors="replace")
-    except OSError:
+        header = read_qcow2(str(path))
+    except ChainError:
         return on_disk, None
-    return int.from_bytes(head[24:32], "big"), backing
+    if header is None:
+        return on_disk, None
+    return header.virtual_size, header.backing
 
 
 def _disks(directory: Path) -> tuple[RetainedDisk, ...]:
