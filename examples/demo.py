@@ -134,9 +134,18 @@ def stop() -> int:
         pid = int(pidfile.read_text())
         try:
             os.kill(pid, 15)
-            print(f"[demo] stopped corral serve (pid {pid})")
         except ProcessLookupError:
-            pass
+            pidfile.unlink()
+            return 0
+        # SIGTERM only asks: report success once the daemon is really gone
+        deadline = time.monotonic() + 30
+        while Path(f"/proc/{pid}").exists() and time.monotonic() < deadline:
+            time.sleep(0.1)
+        if Path(f"/proc/{pid}").exists():
+            print(f"[demo] corral serve (pid {pid}) is still running 30 s after SIGTERM; "
+                  f"see {WORK}/serve.log", file=sys.stderr)  # fmt: skip
+            return 1
+        print(f"[demo] stopped corral serve (pid {pid})")
         pidfile.unlink()
     return 0
 

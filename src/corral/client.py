@@ -202,7 +202,11 @@ class Client:
     ) -> tuple[str, dict[str, Any]]:
         """Create, or replace what is there (``kubectl apply``); returns (verb, VM).
         ``adopt_disks`` applies only when the VM is created."""
-        name = str((document.get("metadata") or {}).get("name", ""))
+        meta = document.get("metadata")
+        name = meta.get("name") if isinstance(meta, dict) else None
+        if not isinstance(name, str) or not name:
+            where = "metadata.name" if isinstance(meta, dict) else "metadata"
+            raise SpecError.single(where, "is required: apply finds the VM by metadata.name")
         try:
             self.get_vm(name)
         except NotFound:
@@ -211,14 +215,15 @@ class Client:
             raise Conflict(f"VM {name!r} exists: only a new VM can adopt disks")
         return "configured", self.replace_vm(name, document)
 
-    def delete_vm(self, name: str, *, delete_disks: bool = False) -> dict[str, Any]:
+    def delete_vm(
+        self, name: str, *, delete_disks: bool = False, force: bool = False
+    ) -> dict[str, Any]:
         """Returns ``retainedDisks``: the id its data dir is kept under (None if it had none
-        or ``delete_disks``)."""
-        return cast(
-            dict[str, Any],
-            self.request("DELETE", f"/v1/vms/{name}",
-                         params={"deleteDisks": str(delete_disks).lower()}),
-        )  # fmt: skip
+        or ``delete_disks``). ``force`` kills the VM instead of a graceful stop."""
+        params = {"deleteDisks": str(delete_disks).lower()}
+        if force:
+            params["force"] = "true"
+        return cast(dict[str, Any], self.request("DELETE", f"/v1/vms/{name}", params=params))
 
     def action(self, name: str, verb: str, *, wait: float | None = None) -> dict[str, Any]:
         return cast(
@@ -320,6 +325,13 @@ class Client:
         return cast(
             dict[str, str],
             self.request("POST", "/v1/host/shutdown", params={"timeout": timeout}, timeout=None),
+        )
+
+    def display(self, name: str, *, expiry: int = 30) -> dict[str, Any]:
+        """A fresh display password (valid ``expiry`` seconds) and the display URLs."""
+        return cast(
+            dict[str, Any],
+            self.request("POST", f"/v1/vms/{name}/display", params={"expiry": expiry}),
         )
 
     # --- console ---------------------------------------------------------------------------

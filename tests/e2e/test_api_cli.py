@@ -75,6 +75,7 @@ class Stack:
                 [sys.executable, "-m", "corral.cli.main", "serve", "--state-dir",
                  str(self.root / "state"), "--accel", "tcg", "--resync", "1",
                  "--policy", str(self.root / "host.yaml"), "--socket", str(self.sock),
+                 "--open-policy",  # the suite's guests and disks live all over /tmp
                  "--listen", f"127.0.0.1:{self.port}", "--tokens", str(self.tokens)],
                 stdin=subprocess.DEVNULL, stdout=log, stderr=log, env=_env(self.sock),
                 start_new_session=True,
@@ -395,7 +396,8 @@ def test_tls_listener_with_token(tmp_path: Path) -> None:
     log = (root / "daemon.log").open("ab")
     proc = subprocess.Popen(
         [sys.executable, "-m", "corral.cli.main", "serve", "--state-dir", str(root / "state"),
-         "--no-socket", "--listen", f"127.0.0.1:{stack.port}", "--tokens", str(stack.tokens),
+         "--no-socket", "--open-policy",
+         "--listen", f"127.0.0.1:{stack.port}", "--tokens", str(stack.tokens),
          "--tls-cert", str(cert), "--tls-key", str(key)],
         stdin=subprocess.DEVNULL, stdout=log, stderr=log, env=_env(stack.sock),
         start_new_session=True,
@@ -421,3 +423,18 @@ def test_tls_listener_with_token(tmp_path: Path) -> None:
         proc.send_signal(signal.SIGTERM)
         assert proc.wait(timeout=30) == 0
         shutil.rmtree(root, ignore_errors=True)
+
+
+def test_tcp_needs_a_policy_with_image_paths(tmp_path: Path) -> None:
+    """Security (review): without imagePaths any token holder could give a VM any host file,
+    so `serve --listen` refuses unless the host says --open-policy on purpose."""
+    (tmp_path / "host.yaml").write_text("{}\n")
+    done = subprocess.run(
+        [sys.executable, "-m", "corral.cli.main", "serve", "--state-dir", str(tmp_path / "s"),
+         "--policy", str(tmp_path / "host.yaml"), "--no-socket", "--listen", "127.0.0.1:1",
+         "--tokens", str(tmp_path / "tokens")],
+        capture_output=True, text=True, timeout=60, check=False,
+    )  # fmt: skip
+    assert done.returncode == 2
+    assert "imagePaths" in done.stderr and "--open-policy" in done.stderr
+    assert not (tmp_path / "s" / "corral.db").exists()

@@ -53,7 +53,7 @@ class FuzzDaemon:
                 [sys.executable, "-m", "corral.cli.main", "serve", "--state-dir",
                  str(self.root / "state"), "--accel", "tcg", "--policy",
                  str(self.root / "host.yaml"), "--socket", str(self.root / "s.sock"),
-                 "--listen", f"127.0.0.1:{self.port}", "--tokens", str(tokens)],
+                 "--open-policy", "--listen", f"127.0.0.1:{self.port}", "--tokens", str(tokens)],
                 stdin=subprocess.DEVNULL, stdout=log, stderr=log, env=env,
                 start_new_session=True,
             )  # fmt: skip

@@ -193,22 +193,26 @@ def test_debian_q35_bios_overlay_boots_and_powers_down(
 
 @pytest.mark.timeout(120)
 def test_extra_args_refused_by_policy_start_nothing(tiny_guest: Any, vm_dirs: VmDirs) -> None:
-    doc = tiny_document(tiny_guest, name="extra", extraArgs=["-foo"])
+    doc = tiny_document(tiny_guest, name="extra", extraArgs=["-no-reboot"])
     before = _qemu_processes_using(vm_dirs.root)
     result = run_render(doc, vm_dirs, policy={"emulators": ["qemu-system-x86_64"]})
     assert result.returncode == 1, (result.returncode, result.stdout, result.stderr)
     assert result.stdout == ""
     assert result.stderr.startswith("error: "), result.stderr
-    assert "spec.vm.extraArgs[0]" in result.stderr and "'-foo'" in result.stderr, result.stderr
+    assert "spec.vm.extraArgs[0]" in result.stderr and "'-no-reboot'" in result.stderr
     assert "argsAllowlist" in result.stderr, result.stderr
     assert "Traceback" not in result.stderr
     time.sleep(0.5)
     assert list(vm_dirs.runtime.iterdir()) == [], "render wrote runtime files"
     assert _qemu_processes_using(vm_dirs.root) == before == []
     # The same document renders once the host allows the option.
-    allowed = run_render(doc, vm_dirs, policy={"argsAllowlist": ["-foo"]})
+    allowed = run_render(doc, vm_dirs, policy={"argsAllowlist": ["-no-reboot"]})
     assert allowed.returncode == 0, allowed.stderr
-    assert '"-foo"' in allowed.stdout
+    assert '"-no-reboot"' in allowed.stdout
+    # an option corral does not know stays refused even when a host lists it
+    unknown = tiny_document(tiny_guest, name="extra", extraArgs=["-foo"])
+    refused = run_render(unknown, vm_dirs, policy={"argsAllowlist": ["-foo"]})
+    assert refused.returncode == 1 and "refused even when allowlisted" in refused.stderr
 
 
 def _qemu_processes_using(path: Path) -> list[int]:

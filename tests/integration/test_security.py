@@ -391,3 +391,48 @@ def test_bridge_nics_are_made_by_corral_and_qemu_keeps_its_sandbox(
     result = json.loads(done.stdout.strip().splitlines()[-1])
     assert result == {"seccomp": "2", "uid": result["uid"], "ports": 2, "helper_in_argv": False}
     assert result["uid"] != "0"
+
+
+# --- review findings: formats are corral's decision, never qemu-img's guess ----------------
+
+_VMDK_DESCRIPTOR = 'version=1\nCID=fffffffe\nparentCID=ffffffff\ncreateType="monolithicFlat"\n\n'
+
+
+async def test_a_base_image_is_never_format_probed_into_a_vmdk(tmp_path: Path) -> None:
+    """A raw base whose bytes are a vmdk descriptor naming a host file: qemu-img used to guess
+    vmdk and record it as the overlay's backing format, so the guest read the extent."""
+    from corral.host import ensure_overlay
+
+    secret = tmp_path / "secret"
+    secret.write_bytes(b"host secret".ljust(4096, b"\0"))
+    base = tmp_path / "base.raw"
+    base.write_bytes(
+        (_VMDK_DESCRIPTOR + f'RW 8 FLAT "{secret}" 0\n').encode().ljust(1024 * 1024, b"\0")
+    )
+    overlay = tmp_path / "vm" / "root.qcow2"
+    await ensure_overlay(base, overlay)
+    info = subprocess.run(
+        ["qemu-img", "info", "--output=json", "-U", str(overlay)],
+        capture_output=True, text=True, check=True,
+    )  # fmt: skip
+    assert '"backing-filename-format": "raw"' in info.stdout
+
+
+async def test_an_imported_vmdk_descriptor_never_makes_qemu_img_open_its_extent(
+    tmp_path: Path,
+) -> None:
+    """Import (upload or URL) runs qemu-img as root on untrusted bytes: an extent on a FIFO
+    would have blocked it (and one on a device opened it); now the bytes are raw data."""
+    from corral.host import ImageStore
+
+    fifo = tmp_path / "fifo"
+    os.mkfifo(fifo)
+    source = tmp_path / "evil.img"
+    source.write_bytes((_VMDK_DESCRIPTOR + f'RW 8 FLAT "{fifo}" 0\n').encode().ljust(65536, b"\0"))
+    store = ImageStore(tmp_path / "store")
+    record = await asyncio.wait_for(store.import_image("evil", str(source)), 30)
+    assert record.format == "raw"
+    sparse = tmp_path / "sparse.vmdk"
+    subprocess.run(["qemu-img", "create", "-q", "-f", "vmdk", str(sparse), "1M"], check=True)
+    with pytest.raises(SpecError, match="vmdk"):
+        await store.import_image("sparse", str(sparse))

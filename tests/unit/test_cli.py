@@ -187,7 +187,7 @@ spec:
     assert all(line.startswith("  ") for line in lines[1:])
     issues = [line.strip() for line in lines[1:]]
     assert issues[0].startswith("metadata.name: must be a DNS-1123 label")
-    assert "spec.vm.disks[1].file.pth: unknown field" in issues
+    assert "spec.vm.disks[1].file.pth: unknown field (did you mean 'path'?)" in issues
     assert len(issues) == 2, "the cross-field rule runs only once the fields are valid"
 
 
@@ -232,7 +232,7 @@ def test_validate_with_a_bad_policy_file_names_its_field(
     assert result.exit_code == 1
     assert result.stderr.splitlines() == [
         f"error: invalid host policy {bad}",
-        "  imagePath: unknown field",
+        "  imagePath: unknown field (did you mean 'imagePaths'?)",
     ]
 
 

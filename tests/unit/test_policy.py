@@ -472,8 +472,11 @@ def test_policy_file_that_is_not_a_mapping(tmp_path: Path) -> None:
 # --- security: what an allowlisted option may still not do (issue 9, item 4) ----------------
 
 _PERMISSIVE = {
-    "argsAllowlist": ["-device", "-global", "-drive", "-object", "-smbios", "-k", "-boot"]
-}
+    "argsAllowlist": [
+        "-device", "-global", "-drive", "-object", "-smbios", "-k", "-boot", "-no-reboot",
+        "-set", "-nic", "-dump-vmstate",
+    ]
+}  # fmt: skip
 
 
 @pytest.mark.parametrize(
@@ -490,7 +493,18 @@ _PERMISSIVE = {
         (["-drive", "file=/etc/shadow,if=virtio"], "refused even when allowlisted"),
         (["-object", "memory-backend-file,id=m,mem-path=/dev/shm/x"], "refused even when"),
         (["-smbios", "file=/etc/shadow"], "refused even when"),
-        (["-boot", "menu=on,splash=/etc/shadow"], "names a host file"),
+        (["-boot", "menu=on,splash=/etc/shadow"], "'splash' is not an option corral allows"),
+        (["-k", "/etc/shadow"], "one plain word"),
+        # found by review: a flag takes no value, so what follows it is a stray -hda
+        (["-no-reboot", "/etc/shadow"], "follows no option"),
+        (
+            ["-no-reboot", 'json:{"driver":"raw","file":{"filename":"/etc/shadow"}}'],
+            "follows no option",
+        ),
+        # options a denylist missed: positive list now
+        (["-set", "chardev.console.logfile=/etc/cron.d/x"], "refused even when"),
+        (["-nic", "user,tftp=/etc"], "refused even when"),
+        (["-dump-vmstate", "/etc/passwd"], "refused even when"),
     ],
 )
 def test_allowlisted_options_cannot_reach_host_files_or_devices(

@@ -24,12 +24,12 @@ UUID = "2b6c0a0e-7f51-4bd4-9d1a-6e0f6b9f4c11"
 
 
 def qcow2(path: Path, virtual_size: int, payload: bytes = b"", backing: str = "") -> None:
-    """A file with a qcow2 v2 header (magic, version, backing file offset and length, size at
-    byte 24, no header extensions), its backing file name at 512 and some guest data."""
+    """A file with a qcow2 v2 header (magic, version, backing file offset and length, cluster bits,
+    size at byte 24, no header extensions), its backing file name at 512 and some guest data."""
     name = backing.encode()
     offset = (512 if name else 0).to_bytes(8, "big")
     header = b"QFI\xfb" + (2).to_bytes(4, "big") + offset + len(name).to_bytes(4, "big")
-    header += bytes(4) + virtual_size.to_bytes(8, "big")
+    header += (16).to_bytes(4, "big") + virtual_size.to_bytes(8, "big")  # 64 KiB clusters
     path.write_bytes(header.ljust(512, b"\0") + name + payload)
 
 
@@ -326,7 +326,10 @@ def test_cli_delete_vm_alias_deletes_the_disks_as_aetherscale_does(
 
     calls: list[tuple[str, bool]] = []
 
-    def delete_vm(self: Client, name: str, *, delete_disks: bool = False) -> dict[str, Any]:
+    def delete_vm(
+        self: Client, name: str, *, delete_disks: bool = False, force: bool = False
+    ) -> dict[str, Any]:
+        assert not force
         calls.append((name, delete_disks))
         return {"name": name, "retainedDisks": None if delete_disks else f"{name}.0123abcd"}
 

@@ -199,7 +199,7 @@ def test_maximum_cpus_default_to_the_topology_product() -> None:
 def test_topology_unknown_field_is_named() -> None:
     assert _vm_issue({"cpuTopology": {"cores": 2}}) == (
         "spec.vm.cpuTopology.cores",
-        "unknown field",
+        "unknown field (did you mean 'coresPerDie'?)",
     )
 
 
@@ -235,7 +235,7 @@ def test_ram_floors_and_granularity() -> None:
     )
     assert _vm_issue({"maximumRam": 1_000_000_000}) == (
         "spec.vm.maximumRam",
-        "must be a whole number of MiB",
+        "must be a whole number of MiB (1GB is 953.67Mi: write 953Mi or 1Gi)",
     )
     assert _vm_issue({"maximumRam": "1Gi", "currentRam": "32Mi"}) == (
         "spec.vm.currentRam",
@@ -311,29 +311,48 @@ def test_kubectl_metadata_is_kept() -> None:
 
 
 @pytest.mark.parametrize(
-    ("data", "loc"),
+    ("data", "loc", "meant"),
     [
-        ({**_doc(), "spce": {}}, "spce"),
-        ({"metadata": {"name": "a", "nmae": "b"}, "spec": {"vm": {}}}, "metadata.nmae"),
-        ({"metadata": {"name": "a"}, "spec": {"vm": {}, "gueshutdown": 1}}, "spec.gueshutdown"),
-        (_doc({"maximumCPUs": 2}), "spec.vm.maximumCPUs"),
-        (_doc({"maximum_ram": "1Gi", "maximumRAM": 1}), "spec.vm.maximumRAM"),
+        ({**_doc(), "spce": {}}, "spce", "spec"),
+        ({"metadata": {"name": "a", "nmae": "b"}, "spec": {"vm": {}}}, "metadata.nmae", "name"),
+        (
+            {"metadata": {"name": "a"}, "spec": {"vm": {}, "gueshutdown": 1}},
+            "spec.gueshutdown",
+            "guestShutdownStops",
+        ),
+        (_doc({"maximumCPUs": 2}), "spec.vm.maximumCPUs", "maximumCpus"),
+        (_doc({"maximum_ram": "1Gi", "maximumRAM": 1}), "spec.vm.maximumRAM", "maximumRam"),
         (
             _doc({"disks": [{"file": {"path": "/a"}}, {"file": {"pth": "/b"}}]}),
             "spec.vm.disks[1].file.pth",
+            "path",
         ),
-        (_doc({"disks": [{"cdrom": {"image": "", "media": "x"}}]}), "spec.vm.disks[0].cdrom.media"),
-        (_doc({"networks": [{"user": {"nett": "10.0.0.0/24"}}]}), "spec.vm.networks[0].user.nett"),
-        (_doc({"display": {"spice": {"prot": 1}}}), "spec.vm.display.spice.prot"),
-        (_doc(runner={"dataDri": "/x"}), "runner.dataDri"),
+        (
+            _doc({"disks": [{"cdrom": {"image": "", "media": "x"}}]}),
+            "spec.vm.disks[0].cdrom.media",
+            None,
+        ),
+        (
+            _doc({"networks": [{"user": {"nett": "10.0.0.0/24"}}]}),
+            "spec.vm.networks[0].user.nett",
+            "net",
+        ),
+        (_doc({"display": {"spice": {"prot": 1}}}), "spec.vm.display.spice.prot", "port"),
+        (_doc(runner={"dataDri": "/x"}), "runner.dataDri", "dataDir"),
         (
             {"metadata": {"name": "a"}, "spec": {"vm": {}, "cloudInit": {"userdata": {}}}},
             "spec.cloudInit.userdata",
+            "userData",
         ),
+        (_doc({"cpus": 2}), "spec.vm.cpus", "maximumCpus' or 'currentCpus"),
     ],
 )
-def test_typos_are_errors_naming_the_field(data: dict[str, Any], loc: str) -> None:
-    assert _issue(data) == (loc, "unknown field")
+def test_typos_are_errors_naming_the_field(
+    data: dict[str, Any], loc: str, meant: str | None
+) -> None:
+    """An unknown field names its path and, when one is close, the field probably meant."""
+    hint = f" (did you mean '{meant}'?)" if meant else ""
+    assert _issue(data) == (loc, "unknown field" + hint)
 
 
 def test_every_issue_is_reported_at_once() -> None:
@@ -1293,9 +1312,10 @@ def test_json_schema_contains_the_key_fields() -> None:
 def test_json_schema_size_pattern_matches_what_the_parser_accepts() -> None:
     ram = document_json_schema()["$defs"]["VmSpec"]["properties"]["maximumRam"]
     pattern = next(s["pattern"] for s in ram["anyOf"] if s.get("type") == "string")
-    for text in ("512Mi", "4Gi", "2G", "1073741824", "1.5Gi", " 2 GB "):
+    for text in ("512Mi", "4Gi", "2G", "1073741824", "1.5Gi", " 2GB "):
         assert re.fullmatch(pattern, text), text
     assert not re.fullmatch(pattern, "-1Gi")
+    assert not re.fullmatch(pattern, "2 GB")
     assert any(s.get("type") == "integer" for s in ram["anyOf"])
 
 

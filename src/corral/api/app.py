@@ -12,10 +12,11 @@ Routes (all under ``/v1`` but the probes)::
     GET  /healthz /readyz
     GET  /v1/host                       POST /v1/host/shutdown
     GET  /v1/vms?state=&label=          POST /v1/vms (?adoptDisks=ID)
-    GET|PUT|PATCH|DELETE /v1/vms/{name} (?deleteDisks=true)
+    GET|PUT|PATCH|DELETE /v1/vms/{name} (?deleteDisks=true, ?force=true: kill, no grace)
     POST /v1/vms/{name}/start|stop|restart|reset|kill (?wait=SECONDS)
     GET  /v1/vms/{name}/events          GET /v1/events   (SSE; ?follow=true streams)
     WS   /v1/vms/{name}/console         POST /v1/vms/{name}/exec
+    POST /v1/vms/{name}/display (?expiry=SECONDS)
     GET|POST /v1/images                 PUT|DELETE /v1/images/{name}   (PUT: upload the bytes)
     GET  /v1/disks                      DELETE /v1/disks/{id}   (retained by deleted VMs)
 """
@@ -233,6 +234,7 @@ def create_app(manager: Manager) -> FastAPI:
         data = facts.to_dict()
         data["backend"] = manager.backend.name
         data["vms"] = len(manager.store.names())
+        data["reconciling"] = manager.reconciling
         return data
 
     @app.post("/v1/host/shutdown", tags=["host"])
@@ -266,7 +268,9 @@ def create_app(manager: Manager) -> FastAPI:
     async def replace_vm(name: str, document: Annotated[VmDoc, Body()]) -> VmDoc:
         doc = _document(document)
         meta = doc.get("metadata")
-        if not isinstance(meta, dict) or meta.get("name", name) != name:
+        if not isinstance(meta, dict):
+            raise SpecError.single("metadata", f"is required (a mapping with name: {name})")
+        if meta.get("name", name) != name:
             raise SpecError.single("metadata.name", f"must be {name!r} (the URL's name)")
         doc = {**doc, "metadata": {**meta, "name": name}}
         version = doc["metadata"].pop("resourceVersion", None)
@@ -297,13 +301,15 @@ def create_app(manager: Manager) -> FastAPI:
             meta = dict(meta)
             version = meta.pop("resourceVersion", None)
             patch = {**patch, "metadata": meta}
-        return _vm(await manager.patch(name, patch, str(version) if version else None))
+        return _vm(await manager.patch(name, patch, None if version is None else str(version)))
 
     @app.delete("/v1/vms/{name}", tags=["vms"])
     async def delete_vm(
-        name: str, delete_disks: Annotated[bool, Query(alias="deleteDisks")] = False
+        name: str,
+        delete_disks: Annotated[bool, Query(alias="deleteDisks")] = False,
+        force: bool = False,
     ) -> dict[str, Any]:
-        retained = await manager.delete(name, delete_disks=delete_disks)
+        retained = await manager.delete(name, delete_disks=delete_disks, force=force)
         return {
             "name": name,
             "deleted": True,
@@ -352,12 +358,26 @@ def create_app(manager: Manager) -> FastAPI:
             truncated=result.truncated,
         )
 
+    @app.post("/v1/vms/{name}/display", tags=["guest"])
+    async def display_vm(
+        name: str, expiry: Annotated[int, Query(ge=1, le=86400)] = 30
+    ) -> dict[str, Any]:
+        """A fresh display password valid ``expiry`` seconds, with the URLs to use it."""
+        return await manager.display(name, expiry)
+
     @app.websocket("/v1/vms/{name}/console")
     async def console(websocket: WebSocket, name: str) -> None:
+        """A missing VM is a 404 and one that is not running a 409, as a problem+json
+        denial of the handshake (the client reads why), not a bare 403."""
         try:
             path = manager.console_socket(name)
         except CorralError as exc:
-            await websocket.close(code=4404 if exc.status == 404 else 4409, reason=exc.message)
+            problem = problem_response(exc.status, exc.message, type_=exc.problem_type)
+            try:
+                await websocket.send_denial_response(problem)
+            except RuntimeError:  # a server without the denial-response extension
+                await websocket.close(code=4404 if exc.status == 404 else 4409,
+                                      reason=exc.message[:120])  # fmt: skip
             return
         await proxy_console(websocket, path)
 

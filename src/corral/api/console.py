@@ -61,5 +61,6 @@ async def proxy_console(websocket: WebSocket, path: Path, *, connect_timeout: fl
         writer.close()
         with contextlib.suppress(OSError):
             await writer.wait_closed()
-        with contextlib.suppress(RuntimeError, OSError):
+        # the client may be gone already (it left): closing then is no error to log
+        with contextlib.suppress(RuntimeError, OSError, WebSocketDisconnect):
             await websocket.close()

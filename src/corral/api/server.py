@@ -140,10 +140,17 @@ def _unix_listener(path: Path, group: str | None) -> socket.socket:
     return sock
 
 
+_GRACE_SECONDS = 2
+"""How long a stopping daemon lets requests in flight finish before it cancels them: a
+``stop --wait``, a ``restart`` or an event stream could otherwise hold SIGTERM for a whole
+powerdown timeout (the VMs are not affected: a stop in flight resumes in the next daemon)."""
+
+
 def _server(app: ASGIApp, **config: Any) -> _Server:
     cfg = uvicorn.Config(
-        app, log_level="warning", access_log=False, lifespan="off", ws="websockets-sansio", **config
-    )
+        app, log_level="warning", access_log=False, lifespan="off", ws="websockets-sansio",
+        timeout_graceful_shutdown=_GRACE_SECONDS, **config,
+    )  # fmt: skip
     return _Server(cfg)
 
 

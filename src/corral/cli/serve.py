@@ -74,6 +74,12 @@ def manager_config(state_dir: str, config: str | None, **overrides: object) -> o
 )
 @click.option("--tls-cert", default=None, type=click.Path(dir_okay=False))
 @click.option("--tls-key", default=None, type=click.Path(dir_okay=False))
+@click.option(
+    "--open-policy",
+    is_flag=True,
+    help="Serve TCP even though the host policy sets no imagePaths (every token holder may "
+    "then give VMs any host file: root-equivalent, like libvirt's socket).",
+)
 def serve(
     state_dir: str,
     config_file: str | None,
@@ -89,6 +95,7 @@ def serve(
     tokens_file: str | None,
     tls_cert: str | None,
     tls_key: str | None,
+    open_policy: bool,
 ) -> None:
     """Run the manager: keep every VM in its desired state; SIGTERM leaves VMs running."""
     from corral.api import ApiOptions, api_service
@@ -101,6 +108,15 @@ def serve(
         resyncSeconds=resync, stopVmsOnExit=stop_vms_on_exit,
     )  # fmt: skip
     assert isinstance(cfg, ManagerConfig)
+    if listen and not open_policy:
+        from corral.spec import load_policy
+
+        if load_policy(cfg.policy_file).image_paths is None:
+            raise click.UsageError(
+                "--listen: the host policy sets no imagePaths, so every token holder could "
+                "give a VM any host file or device; set imagePaths in the host policy "
+                "(docs/policy.md), or pass --open-policy to accept that"
+            )
     options = ApiOptions(
         socket=None if no_socket else Path(socket_path) if socket_path else default_socket(),
         socket_group=socket_group,

@@ -14,7 +14,7 @@ import threading
 from collections.abc import Iterator
 from typing import TYPE_CHECKING
 
-from corral.errors import HostError
+from corral.errors import CorralError, HostError
 
 if TYPE_CHECKING:
     from websockets.sync.client import ClientConnection
@@ -44,10 +44,26 @@ def open_console(client: Client, name: str) -> Iterator[ClientConnection]:
             else:
                 ws = stack.enter_context(connect(url, additional_headers=headers, max_size=None))
         except InvalidStatus as exc:
-            raise HostError(f"console of {name}: refused ({exc.response.status_code})") from exc
+            raise _refusal(name, exc.response.status_code, exc.response.body) from exc
         except (OSError, WebSocketException) as exc:
             raise HostError(f"console of {name}: {exc}") from exc
         yield ws
+
+
+def _refusal(name: str, status: int, body: bytes | bytearray | None) -> CorralError:
+    """The daemon's problem+json denial as the error it names (NotFound, Conflict...)."""
+    import json
+
+    from corral.errors import Conflict, NotFound
+
+    detail = ""
+    with contextlib.suppress(ValueError, AttributeError):
+        detail = str(json.loads(body or b"{}").get("detail") or "")
+    if status == 404:
+        return NotFound(detail or f"VM {name!r} not found")
+    if status == 409:
+        return Conflict(detail or f"VM {name!r} is not running")
+    return HostError(f"console of {name}: refused ({status}{': ' + detail if detail else ''})")
 
 
 def attach_console(client: Client, name: str) -> None:

@@ -67,7 +67,32 @@ def apply(ctx: click.Context, files: tuple[str, ...], adopt: str | None) -> None
     adopted = f" with disks {adopt}" if adopt else ""
     for doc in _one_if_adopting(_documents(files), adopt):
         verb, vm = c.apply_vm(doc, adopt_disks=adopt)
-        click.echo(f"vm/{vm['metadata']['name']} {verb}{adopted}")
+        vm = _observed(c, vm) if verb == "configured" else vm
+        status = vm.get("status") or {}
+        waits = ", ".join(status.get("pendingRestart") or [])
+        click.echo(f"vm/{vm['metadata']['name']} {verb}{adopted}"
+                   + (f"; waits for a restart: {waits}" if waits else ""))  # fmt: skip
+        if status.get("configError"):
+            click.echo(f"warning: vm/{vm['metadata']['name']}: not applied live: "
+                       f"{status['configError']}", err=True)  # fmt: skip
+
+
+def _observed(c: Any, vm: dict[str, Any], timeout: float = 10.0) -> dict[str, Any]:
+    """The VM once a running VM has taken the new generation (live changes applied, the
+    rest in ``pendingRestart``), or as it is after ``timeout``."""
+    import time
+
+    deadline = time.monotonic() + timeout
+    while True:
+        status = vm.get("status") or {}
+        if status.get("state") != "Running" or (status.get("observedGeneration") or 0) >= (
+            vm["metadata"].get("generation") or 0
+        ):
+            return vm
+        if time.monotonic() > deadline:
+            return vm
+        time.sleep(0.2)
+        vm = c.get_vm(vm["metadata"]["name"])
 
 
 @click.command()
@@ -124,6 +149,8 @@ def show(ctx: click.Context, name: str, output: str) -> None:
         ("Conditions", ", ".join(f"{k}={v.get('status')}" for k, v in conditions.items()) or "-"),
         ("CD media", ", ".join(f"{k}={v or '(empty)'}" for k, v in
                                (status.get("cdrom") or {}).items()) or "-"),
+        ("Displays", _displays(vm)),
+        ("Port forwards", _forwards(vm)),
         ("Pending restart", ", ".join(status.get("pendingRestart") or []) or "-"),
         ("Generation", f"{vm['metadata'].get('generation')} (observed "
                        f"{status.get('observedGeneration')})"),
@@ -131,6 +158,23 @@ def show(ctx: click.Context, name: str, output: str) -> None:
     ]  # fmt: skip
     for key, value in lines:
         click.echo(f"{key + ':':<17}{value}")
+
+
+def _displays(vm: dict[str, Any]) -> str:
+    display = ((vm.get("spec") or {}).get("vm") or {}).get("display") or {}
+    shown = [f"{p}://{(display[p] or {}).get('address', '127.0.0.1')}:"
+             f"{(display[p] or {}).get('port', 5900)}"
+             for p in ("spice", "vnc") if p in display]  # fmt: skip
+    return ", ".join(shown) + " (corral display NAME: a password)" if shown else "-"
+
+
+def _forwards(vm: dict[str, Any]) -> str:
+    shown = []
+    for nic in ((vm.get("spec") or {}).get("vm") or {}).get("networks") or []:
+        for fwd in (nic.get("user") or {}).get("portForwards") or []:
+            shown.append(f"{fwd.get('hostAddress', '127.0.0.1')}:{fwd['hostPort']}->"
+                         f"{fwd['guestPort']}/{fwd.get('protocol', 'tcp')}")  # fmt: skip
+    return ", ".join(shown) or "-"
 
 
 def _lifecycle(verb: str, target: str | None, doc: str) -> click.Command:
@@ -158,13 +202,17 @@ kill = _lifecycle("kill", None, "Kill qemu now (SIGKILL); the VM stays Stopped."
 @click.command()
 @click.argument("names", nargs=-1, required=True)
 @click.option("--delete-disks", is_flag=True, help="Also delete the VM's disks (overlays).")
+@click.option(
+    "--force", is_flag=True,
+    help="Kill qemu (SIGKILL) instead of a graceful stop, aborting one in flight.",
+)  # fmt: skip
 @click.pass_context
-def delete(ctx: click.Context, names: tuple[str, ...], delete_disks: bool) -> None:
+def delete(ctx: click.Context, names: tuple[str, ...], delete_disks: bool, force: bool) -> None:
     """Stop and delete VMs. Their disks are retained (corral disk list; no new VM inherits
-    them) unless --delete-disks."""
+    them) unless --delete-disks. --force kills instead of stopping gracefully."""
     c = client(ctx)
     for name in names:
-        retained = c.delete_vm(name, delete_disks=delete_disks).get("retainedDisks")
+        retained = c.delete_vm(name, delete_disks=delete_disks, force=force).get("retainedDisks")
         click.echo(f"vm/{name} deleted" + (" with its disks" if delete_disks else "")
                    + (f"; disks retained as {retained}" if retained else ""))  # fmt: skip
 
@@ -299,6 +347,24 @@ def console(ctx: click.Context, name: str) -> None:
     attach_console(client(ctx), name)
 
 
+@click.command()
+@click.argument("name")
+@click.option("--expiry", type=click.IntRange(1, 86400), default=30, show_default=True,
+              help="Seconds the password stays valid for a new connection.")  # fmt: skip
+@OUTPUT
+@click.pass_context
+def display(ctx: click.Context, name: str, expiry: int, output: str) -> None:
+    """Set a fresh display password that expires soon; print the spice:// / vnc:// URLs
+    (like virsh domdisplay --include-password). remote-viewer takes the URL."""
+    got = client(ctx).display(name, expiry=expiry)
+    if output != "table":
+        emit(got, output)
+        return
+    for item in got["displays"]:
+        click.echo(item["url"])
+    click.echo(f"password: {got['password']} (valid until {got['expiresAt']})")
+
+
 # --- aetherscale's command names ---------------------------------------------------------
 
 
@@ -354,7 +420,7 @@ def list_vms(ctx: click.Context) -> None:
 
 def register(cli: click.Group) -> None:
     for command in (apply, create, list_, show, start, stop, restart, reset, kill, delete, set_,
-                    cd, exec_, ip, events, console, create_vm, list_vms,
+                    cd, exec_, ip, events, console, display, create_vm, list_vms,
                     _alias("start", "aetherscale: start a VM."),
                     _alias("stop", "aetherscale: stop a VM (--kill: at once)."),
                     _alias("delete", "aetherscale: delete a VM and its disks.")):  # fmt: skip

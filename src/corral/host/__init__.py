@@ -18,6 +18,7 @@ from corral.host.images import ImageRecord, ImageStore
 from corral.host.overlay import ImageInfo, ensure_disk, ensure_overlay, image_info
 from corral.host.process import (
     TOOL_PACKAGES,
+    find_qemu,
     find_tool,
     pid_alive,
     process_cmdline,
@@ -42,6 +43,7 @@ __all__ = [
     "ensure_overlay",
     "ensure_seed",
     "ensure_vars",
+    "find_qemu",
     "find_tool",
     "image_info",
     "open_bridge_tap",

@@ -38,6 +38,7 @@ __all__ = [
     "Qcow2Header",
     "chain_issues",
     "image_chain",
+    "open_file",
     "probe_format",
     "read_qcow2",
 ]
@@ -76,18 +77,37 @@ class ChainLink:
     format: str
 
 
-def _read_head(path: str) -> bytes | None:
-    """The first bytes of a regular file or block device; None if it does not exist."""
+def open_file(path: str, *, block_devices: bool = True) -> int | None:
+    """An fd open for reading on ``path`` if it is a regular file (or a block device); None
+    if it does not exist. The path is first opened ``O_PATH`` and checked, so a FIFO, a
+    character device (``/dev/watchdog`` arms on open) or a socket is never really opened."""
     try:
-        fd = os.open(path, os.O_RDONLY | os.O_NONBLOCK | os.O_NOCTTY | os.O_CLOEXEC)
+        probe = os.open(path, os.O_PATH | os.O_CLOEXEC)
     except FileNotFoundError:
         return None
-    except OSError as exc:
-        raise ChainError(f"cannot open {path}: {exc.strerror}") from exc
+    except (OSError, ValueError) as exc:
+        raise ChainError(f"cannot open {path}: {getattr(exc, 'strerror', exc)}") from exc
     try:
-        mode = os.fstat(fd).st_mode
-        if not (stat.S_ISREG(mode) or stat.S_ISBLK(mode)):
-            raise ChainError(f"{path} is not a regular file or a block device")
+        mode = os.fstat(probe).st_mode
+        if not (stat.S_ISREG(mode) or (block_devices and stat.S_ISBLK(mode))):
+            kind = "a regular file or a block device" if block_devices else "a regular file"
+            raise ChainError(f"{path} is not {kind}")
+        try:
+            return os.open(
+                f"/proc/self/fd/{probe}", os.O_RDONLY | os.O_NONBLOCK | os.O_NOCTTY | os.O_CLOEXEC
+            )
+        except OSError as exc:
+            raise ChainError(f"cannot open {path}: {exc.strerror}") from exc
+    finally:
+        os.close(probe)
+
+
+def _read_head(path: str) -> bytes | None:
+    """The first bytes of a regular file or block device; None if it does not exist."""
+    fd = open_file(path)
+    if fd is None:
+        return None
+    try:
         return os.pread(fd, _HEADER_MAX, 0)
     finally:
         os.close(fd)
@@ -124,30 +144,52 @@ def read_qcow2(path: str) -> Qcow2Header | None:
 
 
 def _parse_qcow2(head: bytes) -> Qcow2Header:
+    """The header as qemu's qcow2 driver reads it: header extensions lie between the header's
+    end and the backing file name (or the end of the first cluster), and nowhere else; a
+    layout qemu would read differently from this is refused, never guessed at."""
     if len(head) < 72:
         raise ChainError("truncated qcow2 header")
-    version, backing_offset, backing_size = struct.unpack_from(">IQI", head, 4)
+    version, backing_offset, backing_size, cluster_bits = struct.unpack_from(">IQII", head, 4)
     (virtual_size,) = struct.unpack_from(">Q", head, 24)
-    backing = None
-    if backing_offset:
-        if backing_size > 1023 or backing_offset + backing_size > len(head):
-            raise ChainError("qcow2 backing file name out of range")
-        backing = head[backing_offset : backing_offset + backing_size].decode(
-            "utf-8", errors="replace"
-        )
-    backing_format: str | None = None
+    if version not in (2, 3) or not 9 <= cluster_bits <= 21:
+        raise ChainError(f"unsupported qcow2 header (version {version})")
+    cluster_size = 1 << cluster_bits
+    header_length = 72
     data_file = False
-    ext_at = 72
     if version >= 3:
         if len(head) < 104:
             raise ChainError("truncated qcow2 v3 header")
         (incompatible,) = struct.unpack_from(">Q", head, 72)
         data_file = bool(incompatible & _INCOMPAT_DATA_FILE)
-        (ext_at,) = struct.unpack_from(">I", head, 100)
-    while ext_at + 8 <= len(head):
+        (header_length,) = struct.unpack_from(">I", head, 100)
+    backing = None
+    if backing_offset:
+        if (
+            backing_size > 1023
+            or backing_offset < header_length
+            or backing_offset + backing_size > min(cluster_size, len(head))
+        ):
+            raise ChainError("qcow2 backing file name lies outside where qemu reads it")
+        raw_name = head[backing_offset : backing_offset + backing_size]
+        try:
+            backing = raw_name.decode("utf-8")
+        except UnicodeDecodeError as exc:
+            raise ChainError("qcow2 backing file name is not UTF-8") from exc
+        if "\x00" in backing:
+            raise ChainError("qcow2 backing file name contains NUL")
+    ext_end = backing_offset or cluster_size
+    backing_format: str | None = None
+    ext_at = header_length
+    while True:
+        if ext_at + 8 > ext_end:
+            break  # qemu stops here too: no room for another extension
+        if ext_at + 8 > len(head):
+            raise ChainError("qcow2 header extensions run past what corral reads")
         kind, length = struct.unpack_from(">II", head, ext_at)
         if kind == _EXT_END:
             break
+        if length > ext_end - ext_at - 8 or ext_at + 8 + length > len(head):
+            raise ChainError("qcow2 header extension too large")
         data = head[ext_at + 8 : ext_at + 8 + length]
         if kind == _EXT_BACKING_FORMAT:
             backing_format = data.decode("ascii", errors="replace")

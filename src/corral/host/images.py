@@ -20,6 +20,9 @@ The contract a crash or a failure keeps:
   in it, so a cancellation lands before it (nothing published) or after it (import done).
 * Publishing and deleting hold an exclusive ``flock`` on ``ROOT`` itself, so two managers
   (or processes) sharing a store cannot interleave a file with someone else's sidecar.
+* A process killed mid-import cannot remove its temporary file. Each import holds an
+  ``flock`` on its temporary file for as long as it runs; :meth:`ImageStore.remove_leftovers`
+  (the manager runs it when it opens) removes the hidden ``.*.tmp`` files nobody holds.
 
 Only ``qcow2`` and ``raw`` images are accepted (the VM document's disk formats), and never
 one with a backing file or an external data file: a downloaded image naming
@@ -62,6 +65,7 @@ from typing import IO, Protocol, TypeVar
 from corral import __version__
 from corral.errors import Conflict, FieldIssue, Forbidden, HostError, NotFound, SpecError
 from corral.host.atomic import ensure_private_dir, publish_new, publish_replace, temp_sibling
+from corral.host.chain import ChainError, probe_format, read_qcow2
 from corral.host.overlay import DISK_FORMATS, image_info
 from corral.host.process import run_tool
 from corral.spec.policy import path_within
@@ -75,6 +79,7 @@ CHECKSUM_ALGORITHMS: dict[str, int] = {"sha256": 64, "sha512": 128, "md5": 32}
 """Accepted ``checksum`` algorithms (as in Nomad's artifact checksums) -> hex digest length."""
 
 _NAME = re.compile(r"[A-Za-z0-9_-][A-Za-z0-9._-]{0,127}")
+_LEFTOVER = re.compile(r"\..+\.[0-9a-f]{12}\.tmp")
 _URL_SCHEME = re.compile(r"[A-Za-z][A-Za-z0-9+.-]*://|(?i:file):")
 _CHUNK = 1024 * 1024
 _REPORT_EVERY_BYTES = 1024 * 1024
@@ -441,7 +446,8 @@ class _Sink:
 
     def __init__(self, tmp: Path, algorithms: Sequence[str]) -> None:
         self._hashers: dict[str, _Hasher] = {a: hashlib.new(a) for a in {"sha256", *algorithms}}
-        self.fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_EXCL | os.O_CLOEXEC, 0o600)
+        # the import created ``tmp`` (O_EXCL) and holds its flock (ImageStore._claim)
+        self.fd = os.open(tmp, os.O_WRONLY | os.O_NOFOLLOW | os.O_CLOEXEC)
         self._writer = _SparseWriter(self.fd)
         self.size = 0
 
@@ -730,6 +736,45 @@ class ImageStore:
         finally:
             os.close(fd)
 
+    async def _claim(self, tmp: Path) -> int:
+        """Create the import's temporary file and hold an flock on it until the import ends
+        (the returned fd): :meth:`remove_leftovers` removes only files nobody holds. Created
+        under the directory lock, so a cleaner never sees it unclaimed."""
+        async with self._locked():
+            try:
+                fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_EXCL | os.O_CLOEXEC, 0o600)
+            except OSError as exc:
+                raise HostError(f"cannot write {tmp}: {exc}") from exc
+            fcntl.flock(fd, fcntl.LOCK_EX)
+        return fd
+
+    async def remove_leftovers(self) -> builtins.list[str]:
+        """Remove the temporary files of imports that died with their process (a daemon
+        killed mid-download): hidden ``.*.tmp`` files whose flock no live import holds.
+        Returns the names removed. Run when a manager opens the store."""
+        if not self.root.is_dir():
+            return []
+        removed: builtins.list[str] = []
+        async with self._locked():  # a publish writing its sidecar's temp file holds it too
+            for entry in os.scandir(self.root):
+                if _LEFTOVER.fullmatch(entry.name) is None:
+                    continue
+                try:
+                    fd = os.open(entry.path, os.O_RDONLY | os.O_NOFOLLOW | os.O_CLOEXEC)
+                except OSError:
+                    continue
+                try:
+                    fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+                except BlockingIOError:
+                    continue  # a live import (maybe another process sharing the store)
+                else:
+                    with contextlib.suppress(FileNotFoundError):
+                        os.unlink(entry.path)
+                        removed.append(entry.name)
+                finally:
+                    os.close(fd)
+        return removed
+
     async def import_image(
         self,
         name: str,
@@ -765,6 +810,7 @@ class ImageStore:
         self._check_free(name, replace=replace, users=users)
         ensure_private_dir(self.root)
         tmp = temp_sibling(self._image(name))
+        claim = await self._claim(tmp)
         stop = threading.Event()
         reporter = _Reporter(asyncio.get_running_loop(), progress, stop)
         algorithms = [expected[0]] if expected is not None else []
@@ -785,6 +831,7 @@ class ImageStore:
             )
         finally:
             tmp.unlink(missing_ok=True)
+            os.close(claim)
 
     async def import_stream(
         self,
@@ -811,6 +858,7 @@ class ImageStore:
         self._check_free(name, replace=replace, users=users)
         ensure_private_dir(self.root)
         tmp = temp_sibling(self._image(name))
+        claim = await self._claim(tmp)
         reporter = _Reporter(asyncio.get_running_loop(), progress, threading.Event())
         algorithms = [expected[0]] if expected is not None else []
         try:
@@ -823,6 +871,7 @@ class ImageStore:
             )
         finally:
             tmp.unlink(missing_ok=True)
+            os.close(claim)
 
     async def _commit(
         self,
@@ -848,7 +897,19 @@ class ImageStore:
                     "checksum",
                     f"{display} has {algorithm}:{actual}, expected {algorithm}:{digest}",
                 )
-        info = await image_info(tmp)
+        # corral reads the header itself first: qemu-img, as root, would follow what an
+        # untrusted image names (a vmdk extent, a data file) before anything was refused
+        try:
+            head = read_qcow2(str(tmp))
+            if head is None:
+                with open(tmp, "rb") as f:
+                    probe_format(f.read(4096))
+        except ChainError as exc:
+            raise _import_error("source", f"{display}: {exc}") from exc
+        if head is not None and (head.backing is not None or head.data_file):
+            what = "a backing file" if head.backing is not None else "an external data file"
+            raise _import_error("source", f"{display} has {what}; a base image must not")
+        info = await image_info(tmp, "qcow2" if head is not None else "raw")
         await self._check_usable(tmp, info.format, info.backing_file, display)
         os.chmod(tmp, 0o444)
         st = os.stat(tmp)

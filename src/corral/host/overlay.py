@@ -26,6 +26,7 @@ from pathlib import Path
 
 from corral.errors import HostError
 from corral.host.atomic import ensure_private_dir, publish_new, temp_sibling
+from corral.host.chain import ChainError, read_qcow2
 from corral.host.process import run_tool
 
 __all__ = ["DISK_FORMATS", "ImageInfo", "ensure_disk", "ensure_overlay", "image_info"]
@@ -65,7 +66,7 @@ def _optional_int(data: dict[str, object], key: str) -> int | None:
     return value if isinstance(value, int) and not isinstance(value, bool) else None
 
 
-async def image_info(path: Path) -> ImageInfo:
+async def image_info(path: Path, fmt: str | None = None) -> ImageInfo:
     """Read ``path``'s format, sizes and backing file with ``qemu-img info --output=json -U``.
 
     ``-U`` (force-share) lets this work on an image a running qemu holds locked; the answer
@@ -76,7 +77,7 @@ async def image_info(path: Path) -> ImageInfo:
     if not target.exists():
         raise HostError(f"image {path} does not exist")
     out = await run_tool(
-        ["qemu-img", "info", "--output=json", "-U", str(target)],
+        ["qemu-img", "info", "--output=json", "-U", *(["-f", fmt] if fmt else []), str(target)],
         what=f"read image {path}",
     )
     try:
@@ -115,7 +116,13 @@ async def ensure_overlay(base: Path, overlay: Path, *, size: int | None = None) 
     if not base_path.exists():
         raise HostError(f"base image {base} for overlay {overlay} does not exist")
     base_path = base_path.resolve()
-    info = await image_info(base_path)
+    # corral decides the format (qcow2 by its magic, else raw): qemu-img never guesses it, as
+    # a guessed vmdk descriptor would name any host file as its extent
+    try:
+        head = read_qcow2(str(base_path))
+    except ChainError as exc:
+        raise HostError(f"base image {base}: {exc}") from exc
+    info = await image_info(base_path, "qcow2" if head is not None else "raw")
     if size is not None and size < info.virtual_size:
         raise HostError(
             f"overlay {overlay}: size {size} bytes is smaller than the virtual size of its "

@@ -10,6 +10,9 @@ Two concerns share this module because every other ``corral.host`` module needs 
   :func:`process_start_time` let a restarted runner re-attach to detached processes (qemu,
   swtpm) without being fooled by a reused pid or a zombie nobody reaps (in containers, pid 1
   often does not reap orphans, and ``kill(pid, 0)`` succeeds on a zombie).
+* :func:`find_qemu` finds a VM's qemu by what its argv names (its ``-pidfile``, or its
+  ``-uuid`` together with its ``-name guest=``), not by a pidfile that may be gone: a lost
+  runtime dir must never lead to a second qemu for the same VM.
 """
 
 from __future__ import annotations
@@ -26,6 +29,7 @@ from corral.errors import HostError
 
 __all__ = [
     "TOOL_PACKAGES",
+    "find_qemu",
     "find_tool",
     "pid_alive",
     "process_cmdline",
@@ -225,3 +229,38 @@ def process_start_time(pid: int) -> int | None:
         return int(fields[19])
     except ValueError:
         return None
+
+
+def _arg_after(argv: list[str], flag: str) -> str | None:
+    try:
+        return argv[argv.index(flag) + 1]
+    except (ValueError, IndexError):
+        return None
+
+
+def find_qemu(pidfile: Path, *, uuid: str | None = None, name: str | None = None) -> list[int]:
+    """Live qemu processes that belong to one VM, found by their argv (``/proc/PID/cmdline``,
+    readable by root even for qemu running as another user): ``-pidfile`` is ``pidfile``
+    (the VM's runtime dir, even if that dir was deleted since), or ``-uuid`` is ``uuid`` and
+    ``-name`` has ``guest=<name>``. Zombies do not count. Sorted by pid.
+    """
+    wanted_pidfile = os.path.abspath(pidfile)
+    found: list[int] = []
+    try:
+        entries = os.listdir("/proc")
+    except OSError:
+        return found
+    for entry in entries:
+        if not entry.isdigit():
+            continue
+        pid = int(entry)
+        argv = process_cmdline(pid)
+        if not argv or "qemu" not in os.path.basename(argv[0]):
+            continue
+        ours = _arg_after(argv, "-pidfile") == wanted_pidfile
+        if not ours and uuid is not None and name is not None:
+            guest = (_arg_after(argv, "-name") or "").split(",")
+            ours = _arg_after(argv, "-uuid") == uuid and f"guest={name}" in guest
+        if ours and pid_alive(pid):
+            found.append(pid)
+    return sorted(found)

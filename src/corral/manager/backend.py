@@ -16,6 +16,7 @@ reacts (a crash schedules a restart with backoff).
 
 from __future__ import annotations
 
+import asyncio
 import contextlib
 import shutil
 from collections.abc import Callable
@@ -25,6 +26,7 @@ from typing import Any, Protocol
 
 from corral.errors import CorralError, NotFound
 from corral.manager.retained import RetainedDisks, RetainedSet
+from corral.runner.changes import write_display_secret
 from corral.runner.config import RunnerPaths, resolve_paths
 from corral.runner.status import VmState
 from corral.runner.supervisor import ExecResult, VmSupervisor
@@ -75,6 +77,9 @@ class Backend(Protocol):
 
     def console_socket(self, name: str) -> Path:
         """The serial console's unix socket of a running VM."""
+
+    async def set_display_password(self, name: str, password: str, expiry: str) -> None:
+        """Write the VM's manager-owned display secret and have the running VM apply it."""
 
     async def exec(
         self, name: str, argv: list[str], *, stdin: bytes | None = None, timeout: float = 60.0
@@ -182,6 +187,12 @@ class EmbeddedBackend:
 
     def console_socket(self, name: str) -> Path:
         return self._get(name).console_socket
+
+    async def set_display_password(self, name: str, password: str, expiry: str) -> None:
+        sup = self._get(name)
+        secret = sup.paths.display_secret_file or self.data_root / name / "display-secret"
+        await asyncio.to_thread(write_display_secret, secret, password, expiry)
+        await sup.display_secret_changed()
 
     async def exec(
         self, name: str, argv: list[str], *, stdin: bytes | None = None, timeout: float = 60.0

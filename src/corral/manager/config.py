@@ -39,6 +39,11 @@ class ManagerConfig(BaseModel):
     resync_seconds: float = Field(default=30.0, gt=0)
     backoff_initial_seconds: float = Field(default=1.0, gt=0)
     backoff_max_seconds: float = Field(default=300.0, gt=0)
+    backoff_reset_seconds: float = Field(
+        default=10.0,
+        gt=0,
+        description="a VM that ran this long before it crashed restarts after the initial delay",
+    )
     cpu_overcommit: float = Field(
         default=4.0, gt=0, description="sum of maximumCpus of running VMs / host cores"
     )
@@ -84,4 +89,5 @@ def load_manager_config(path: Path | None, **overrides: object) -> ManagerConfig
     try:
         return ManagerConfig.model_validate(data)
     except ValidationError as exc:
-        raise SpecError("invalid manager config", issues_from_validation(exc)) from exc
+        issues = issues_from_validation(exc, ManagerConfig)
+        raise SpecError("invalid manager config", issues) from exc

@@ -95,6 +95,18 @@ def json_merge_patch(target: object, patch: object) -> object:
     return result
 
 
+def _check_version(version: str | None) -> str | None:
+    """A ``resourceVersion`` precondition: None (absent) means no check; anything else must be
+    a version the store handed out (1, 2, ...): ``""`` or ``"0"`` is not a way to skip it."""
+    if version is None or (version.isascii() and version.isdigit() and int(version) > 0):
+        return version
+    raise SpecError.single(
+        "metadata.resourceVersion",
+        f"{version!r} is not a resourceVersion (a positive integer read from the VM); "
+        "leave it out to write without a check",
+    )
+
+
 def _host_cpus() -> int:
     return len(os.sched_getaffinity(0))
 
@@ -107,6 +119,9 @@ def _host_ram() -> int:
 class _Backoff:
     failures: int = 0
     due: float = 0.0  # time.monotonic() of the next allowed start
+    attempt: int = 0  # start attempts so far; each one's failure is counted once
+    counted: int = -1  # the attempt whose failure was counted last
+    running_since: float | None = None  # time.monotonic() the VM last reached Running
 
 
 class Manager:
@@ -149,7 +164,11 @@ class Manager:
         self._resync: asyncio.Task[None] | None = None
         self._background: set[asyncio.Future[object]] = set()
         self._passive = False
+        self._suspended = False  # host shutdown: nothing is started again, nothing reconciled
         self._autostart = asyncio.Semaphore(config.autostart_parallel)
+        # capacity admission and the desired-state write it allows happen under this lock,
+        # so parallel starts cannot all pass against the same free capacity
+        self._admission = asyncio.Lock()
 
     # --- lifecycle -------------------------------------------------------------------------
 
@@ -168,6 +187,13 @@ class Manager:
                 self._record_event(orphan.vm, "DisksRetained", {"retainedDisks": orphan.id})
         except CorralError as exc:  # create retains them too, or refuses if it cannot
             self._record_event("", "RetainFailed", {"error": str(exc)})
+        try:  # temporary files of imports killed with an earlier daemon
+            leftovers = await self.images.remove_leftovers()
+        except (OSError, CorralError) as exc:
+            self._record_event("", "ImageLeftoversFailed", {"error": str(exc)})
+        else:
+            if leftovers:
+                self._record_event("", "ImageLeftoversRemoved", {"files": leftovers})
 
         async def adopt(rec: VmRecord) -> bool:
             try:
@@ -220,10 +246,23 @@ class Manager:
     async def __aexit__(self, *exc: object) -> None:
         await self.close()
 
+    @property
+    def reconciling(self) -> bool:
+        """Whether the manager acts on desired state (False before :meth:`open`, when opened
+        passively, and after :meth:`stop_all`)."""
+        return self.state is ManagerState.OPEN and not self._passive and not self._suspended
+
     async def stop_all(self, timeout: float | None = None) -> dict[str, str]:
         """Host shutdown: stop every running VM gracefully, in parallel, each within its own
         powerdown timeout. Desired state is kept, so they come back when the daemon starts
-        again. Returns {name: how it ended}; 'quit' or 'kill' means it needed force."""
+        again. Returns {name: how it ended}; 'quit' or 'kill' means it needed force.
+
+        Reconciling is suspended first, for the rest of this manager's life: no pending
+        restart, resync or request starts a VM again while the host goes down."""
+        self._suspended = True
+        for timer in self._timers.values():
+            timer.cancel()
+        self._timers.clear()
 
         async def one(name: str) -> tuple[str, str]:
             async with self._lock(name):
@@ -264,6 +303,10 @@ class Manager:
         that left it) to become its data dir: disks, UUID, TPM and firmware vars come back.
         A refusal changes nothing."""
         document = self._parse(doc)
+        async with self._admission:
+            return await self._create(document, adopt_disks)
+
+    async def _create(self, document: VmDocument, adopt_disks: str | None) -> VmRecord:
         self._admit(document)
         name = document.name
         if self.store.find(name) is not None:
@@ -290,9 +333,11 @@ class Manager:
         self, doc: VmDocument | Mapping[str, Any], resource_version: str | None = None
     ) -> VmRecord:
         document = self._parse(doc)
+        resource_version = _check_version(resource_version)
         self.store.get(document.name)
-        self._admit(document)
-        record = self.store.replace(document, resource_version)
+        async with self._admission:
+            self._admit(document)
+            record = self.store.replace(document, resource_version)
         self._record_event(record.name, "SpecChanged", {"generation": record.generation})
         self.kick(record.name)
         return record
@@ -313,6 +358,7 @@ class Manager:
     ) -> VmRecord:
         """A JSON merge patch (RFC 7386) on the VM document (metadata and spec)."""
         current = self.store.get(name)
+        resource_version = _check_version(resource_version)
         if resource_version is None:
             resource_version = current.resource_version
         body = current.document.model_dump(mode="json", by_alias=True, exclude_none=True)
@@ -344,14 +390,18 @@ class Manager:
         raise Conflict(f"VM {name!r} changes too fast to set its state; retry")
 
     async def start(self, name: str, *, wait: float | None = None) -> VmRecord:
-        current = self.store.get(name)
-        if current.desired != "Running":
-            data = current.document.model_dump(mode="json", by_alias=True, exclude_none=True)
-            data["spec"]["vm"]["state"] = "Running"
-            self._admit(parse_document(data))
-        self._backoff.pop(name, None)
-        self._last_error.pop(name, None)
-        record = await self._set_desired(name, "Running")
+        """Desired Running, if this host admits it (:class:`PolicyError` with the reason if
+        not: capacity counts every VM desired Running *and* every VM still running, a
+        stopping one included)."""
+        async with self._admission:
+            current = self.store.get(name)
+            if current.desired != "Running":
+                data = current.document.model_dump(mode="json", by_alias=True, exclude_none=True)
+                data["spec"]["vm"]["state"] = "Running"
+                self._admit(parse_document(data))
+            self._backoff.pop(name, None)
+            self._last_error.pop(name, None)
+            record = await self._set_desired(name, "Running")
         self.kick(name)
         if wait:
             await self.wait_for(name, {"Running"}, wait)
@@ -379,17 +429,26 @@ class Manager:
             self._record_event(name, "ResetRequested", {})
 
     async def kill(self, name: str) -> VmRecord:
-        """SIGKILL qemu now; the VM is then desired Stopped (nothing restarts it)."""
+        """SIGKILL qemu now; the VM is then desired Stopped (nothing restarts it).
+
+        Never waits behind a graceful stop in flight (``virsh destroy``): the VM's lock is
+        not taken, the backend aborts that stop (whose caller is told ``kill``)."""
         record = await self._set_desired(name, "Stopped")
-        async with self._lock(name):
-            await self.backend.kill(name)
-            self._write_status(name)
+        await self.backend.kill(name)
+        self._record_event(name, "Killed", {})
+        self._write_status(name)
         return record
 
-    async def delete(self, name: str, *, delete_disks: bool = False) -> RetainedSet | None:
+    async def delete(
+        self, name: str, *, delete_disks: bool = False, force: bool = False
+    ) -> RetainedSet | None:
         """Stop the VM gracefully and forget it. Its data dir (disks, UUID, TPM, firmware
-        vars) is retained, and returned, unless ``delete_disks``: no later VM inherits it."""
+        vars) is retained, and returned, unless ``delete_disks``: no later VM inherits it.
+        ``force`` kills it instead of a graceful stop, aborting one in flight
+        (``kubectl delete --grace-period=0 --force``)."""
         self.store.get(name)
+        if force:
+            await self.kill(name)
         async with self._lock(name):
             await self.backend.stop(name)
             retained = await self.backend.forget(name, delete_disks=delete_disks)
@@ -456,6 +515,39 @@ class Manager:
         """The serial console socket of a running VM (for the console proxy)."""
         self._running(name)
         return self.backend.console_socket(name)
+
+    async def display(self, name: str, expiry: int = 30) -> dict[str, Any]:
+        """A fresh display password for a running VM, valid ``expiry`` seconds, and the
+        ``spice://``/``vnc://`` URLs to use it (``virsh domdisplay --include-password``).
+        The password goes into the VM's own display secret, never into an event or log."""
+        import secrets
+        from datetime import UTC, datetime, timedelta
+
+        record = self._running(name)
+        display = record.document.vm.display
+        if display is None or (display.spice is None and display.vnc is None):
+            raise Conflict(f"VM {name!r} has no display (spec.vm.display: spice or vnc)")
+        # VNC authentication uses only the first 8 characters: give VNC exactly 8
+        password = secrets.token_urlsafe(6 if display.vnc is not None else 16)
+        await self.backend.set_display_password(name, password, f"+{expiry}")
+        until = datetime.now(UTC) + timedelta(seconds=expiry)
+        displays = []
+        for protocol, cfg in (("spice", display.spice), ("vnc", display.vnc)):
+            if cfg is not None:
+                host = cfg.address if cfg.address not in ("0.0.0.0", "::") else "127.0.0.1"  # noqa: S104
+                host = f"[{host}]" if ":" in host else host
+                url = f"{protocol}://{host}:{cfg.port}"
+                if protocol == "spice":
+                    url += f"?password={password}"
+                displays.append({"protocol": protocol, "address": cfg.address,
+                                 "port": cfg.port, "url": url})  # fmt: skip
+        self._record_event(name, "DisplayPasswordIssued", {"expirySeconds": expiry})
+        return {
+            "name": name,
+            "displays": displays,
+            "password": password,
+            "expiresAt": until.isoformat(timespec="seconds").replace("+00:00", "Z"),
+        }
 
     async def exec(
         self, name: str, argv: list[str], *, stdin: bytes | None = None, timeout: float = 60.0
@@ -668,7 +760,9 @@ class Manager:
     def _check_capacity(self, doc: VmDocument) -> None:
         cpus, ram = doc.vm.max_cpus, doc.vm.maximum_ram
         for record in self.store.all():
-            if record.name != doc.name and record.desired == "Running":
+            if record.name != doc.name and (
+                record.desired == "Running" or self._observe(record.name).active
+            ):
                 cpus += record.document.vm.max_cpus
                 ram += record.document.vm.maximum_ram
         cpu_limit = int(_host_cpus() * self.config.cpu_overcommit)
@@ -678,7 +772,8 @@ class Manager:
             issues.append(
                 FieldIssue(
                     "spec.vm.maximumCpus",
-                    f"running VMs would have {cpus} CPUs; this host allows {cpu_limit} "
+                    f"VMs running, stopping or desired Running would have {cpus} CPUs; "
+                    f"this host allows {cpu_limit} "
                     f"({_host_cpus()} cores x cpuOvercommit {self.config.cpu_overcommit:g})",
                 )
             )
@@ -686,7 +781,8 @@ class Manager:
             issues.append(
                 FieldIssue(
                     "spec.vm.maximumRam",
-                    f"running VMs would have {ram // 2**20} MiB; this host allows "
+                    f"VMs running, stopping or desired Running would have {ram // 2**20} MiB; "
+                    "this host allows "
                     f"{ram_limit // 2**20} MiB (ramOvercommit {self.config.ram_overcommit:g})",
                 )
             )
@@ -700,7 +796,7 @@ class Manager:
 
     def kick(self, name: str, delay: float = 0.0) -> None:
         """Ask for ``name`` to be reconciled (after ``delay`` seconds)."""
-        if self.state is not ManagerState.OPEN or self._passive:
+        if not self.reconciling:
             return
         if delay > 0:
             old = self._timers.pop(name, None)
@@ -720,7 +816,7 @@ class Manager:
 
     async def _worker(self, name: str) -> None:
         try:
-            while name in self._dirty and self.state is ManagerState.OPEN:
+            while name in self._dirty and self.reconciling:
                 self._dirty.discard(name)
                 async with self._pool, self._lock(name):
                     try:
@@ -743,7 +839,7 @@ class Manager:
 
     async def _reconcile(self, name: str) -> None:
         record = self.store.find(name)
-        if record is None:
+        if record is None or not self.reconciling:
             return
         observed = self._observe(name)
         if record.desired == "Stopped":
@@ -775,6 +871,9 @@ class Manager:
     async def _start(self, record: VmRecord) -> None:
         name = record.name
         async with self._autostart:
+            if not self.reconciling:
+                return
+            self._backoff.setdefault(name, _Backoff()).attempt += 1
             try:
                 self._admit(record.document)
                 await self.backend.start(self._runtime_document(record.document))
@@ -788,7 +887,21 @@ class Manager:
         self._write_status(name)
 
     def _schedule_restart(self, name: str, reason: str, detail: str) -> None:
+        """Count a failure of the current start attempt (once: a start that fails is seen
+        both as the start's error and as the runner's Crashed) and start again after the
+        backoff. A VM that ran ``backoffResetSeconds`` before it crashed starts the count
+        afresh (systemd's StartLimitIntervalSec, Kubernetes' 10 min reset)."""
         backoff = self._backoff.setdefault(name, _Backoff())
+        if backoff.counted == backoff.attempt:
+            return
+        backoff.counted = backoff.attempt
+        now = time.monotonic()
+        if (
+            backoff.running_since is not None
+            and now - backoff.running_since >= self.config.backoff_reset_seconds
+        ):
+            backoff.failures = 0
+        backoff.running_since = None
         backoff.failures += 1
         delay = min(
             self.config.backoff_initial_seconds * 2 ** (backoff.failures - 1),
@@ -816,7 +929,9 @@ class Manager:
                 record = self.store.find(name)
                 if record is not None and record.desired == "Running":
                     if record.document.spec.restart_policy == "Never":
+                        # persisted as desired Stopped, so no later daemon starts it again
                         self._record_event(name, "NotRestarted", {"restartPolicy": "Never"})
+                        self._spawn(self._set_desired(name, "Stopped"))
                     else:
                         self._schedule_restart(name, "Crashed", str(event.get("exit")))
             elif event.get("state") == VmState.STOPPED.value and event.get("stoppedBy") == "guest":
@@ -826,6 +941,7 @@ class Manager:
                 backoff = self._backoff.get(name)
                 if backoff is not None:
                     backoff.due = 0.0
+                    backoff.running_since = time.monotonic()
         elif kind in ("ConditionChanged", "Applied", "MediaChanged", "Attached"):
             self._write_status(name)
 

@@ -61,7 +61,7 @@ from corral.host import pid_alive
 from corral.host.atomic import ensure_private_dir, publish_replace, temp_sibling
 from corral.manager.backend import EventCallback, Observed
 from corral.manager.retained import RetainedDisks, RetainedSet
-from corral.runner.changes import pending_restart
+from corral.runner.changes import pending_restart, write_display_secret
 from corral.runner.status import VmState, make_event, now_iso
 from corral.runner.supervisor import ExecResult
 from corral.spec import VmDocument, parse_document
@@ -614,6 +614,11 @@ class SystemdBackend:
         if not self.observe(name).active or not path.exists():
             raise NotFound(f"VM {name!r} has no serial console socket (is it running?)")
         return path
+
+    async def set_display_password(self, name: str, password: str, expiry: str) -> None:
+        """The runner watches its display secret and applies a change live."""
+        secret = self.vms_root / name / "display-secret"
+        await asyncio.to_thread(write_display_secret, secret, password, expiry)
 
     async def exec(
         self, name: str, argv: list[str], *, stdin: bytes | None = None, timeout: float = 60.0

@@ -10,14 +10,20 @@ from __future__ import annotations
 
 import os
 import re
-import stat
 from dataclasses import dataclass
 from pathlib import Path
 
 from corral.errors import SpecError
+from corral.host.chain import ChainError, open_file
 from corral.spec import VmDocument
 
-__all__ = ["DisplaySecret", "cdrom_media", "pending_restart", "read_display_secret"]
+__all__ = [
+    "DisplaySecret",
+    "cdrom_media",
+    "pending_restart",
+    "read_display_secret",
+    "write_display_secret",
+]
 
 _LIVE_VM_FIELDS = {"currentCpus", "currentRam", "powerdownTimeout", "state"}
 _EXPIRY = re.compile(r"^(never|now|\+\d+|\d+)$")
@@ -71,15 +77,13 @@ def _read_small(path: Path, field: str) -> str | None:
     The secret's path may be a document's (``corral run``): a FIFO would block the event
     loop, ``/dev/zero`` would never end. Only a regular file of at most 4 KiB is read."""
     try:
-        fd = os.open(path, os.O_RDONLY | os.O_NONBLOCK | os.O_NOCTTY | os.O_CLOEXEC)
-    except FileNotFoundError:
+        fd = open_file(str(path), block_devices=False)
+    except ChainError as exc:
+        raise SpecError.single(field, str(exc)) from exc
+    if fd is None:
         return None
-    except OSError as exc:
-        raise SpecError.single(field, f"cannot open {path}: {exc.strerror}") from exc
     try:
         info = os.fstat(fd)
-        if not stat.S_ISREG(info.st_mode):
-            raise SpecError.single(field, f"{path} is not a regular file")
         if info.st_size > _SECRET_MAX:
             raise SpecError.single(field, f"{path} is larger than {_SECRET_MAX} bytes")
         return os.read(fd, _SECRET_MAX).decode("utf-8", errors="replace")
@@ -113,3 +117,24 @@ def read_display_secret(path: Path | None) -> DisplaySecret:
                 f"password-expiry {expiry!r} must be +SECONDS, a unix time, 'never' or 'now'",
             )
     return DisplaySecret(password or None, expiry)
+
+
+def write_display_secret(path: Path, password: str, expiry: str) -> None:
+    """Write a display secret in the directory form :func:`read_display_secret` reads
+    (``display-password`` and ``password-expiry``, 0600 in a 0700 dir), each file replaced
+    atomically, the expiry first so a reader never pairs the new password with an old
+    expiry. A plain file at ``path`` (the file form) is replaced by the directory."""
+    if not _EXPIRY.match(expiry):
+        raise SpecError.single("expiry", f"{expiry!r} must be +SECONDS, a unix time, never, now")
+    if path.is_file() or path.is_symlink():
+        path.unlink()
+    path.mkdir(mode=0o700, exist_ok=True)
+    os.chmod(path, 0o700)
+    for name, text in (("password-expiry", expiry), ("display-password", password)):
+        tmp = path / f".{name}.tmp"
+        fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_TRUNC | os.O_NOFOLLOW, 0o600)
+        try:
+            os.write(fd, f"{text}\n".encode())
+        finally:
+            os.close(fd)
+        os.replace(tmp, path / name)

@@ -41,6 +41,8 @@ class Condition(StrEnum):
     BOOTED = "Booted"
     AGENT_CONNECTED = "AgentConnected"
     DISPLAY_CONNECTED = "DisplayConnected"
+    TPM_AVAILABLE = "TpmAvailable"  # only for VMs with useTpm: False when swtpm died
+    QMP_CONNECTED = "QmpConnected"  # only shown False: a qemu found without its QMP socket
 
 
 def now_iso() -> str:

@@ -29,31 +29,32 @@ import json
 import os
 import secrets
 import signal
-import stat
 import time
 from collections.abc import Awaitable, Callable
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, cast
 
-from corral.errors import CorralError, HostError, QemuError, SpecError
+from corral.errors import Conflict, CorralError, HostError, QemuError, SpecError
 from corral.host import (
     Swtpm,
     ensure_disk,
     ensure_overlay,
     ensure_seed,
     ensure_vars,
+    find_qemu,
     open_bridge_tap,
     pid_alive,
     process_exe_name,
     read_pidfile,
 )
+from corral.host.chain import ChainError, open_file
 from corral.host.consolelog import LogFollower, needs_rotation, rotate
 from corral.qemu.agent import AgentError, AgentReplyError, ExecResult, GuestAgent
 from corral.qemu.fingerprint import find_emulator, find_firmware, resolve_accelerator
 from corral.qemu.monitor import Monitor, QmpEvent
 from corral.runner.changes import cdrom_media, pending_restart, read_display_secret
-from corral.runner.config import RunnerPaths, check_host, render_for_host
+from corral.runner.config import RunnerPaths, check_host, machine_uuid, render_for_host
 from corral.runner.status import (
     Condition,
     EventSink,
@@ -64,7 +65,7 @@ from corral.runner.status import (
     write_atomic,
 )
 from corral.spec import HostPolicy, VmDocument
-from corral.spec.models import MachineType, is_remote_image
+from corral.spec.models import MachineType, default_uuid, is_remote_image
 
 __all__ = ["ExecResult", "ExitInfo", "VmSupervisor"]
 
@@ -73,6 +74,9 @@ _KILL_WAIT = 5.0
 _AGENT_POLL = 5.0
 _AGENT_REPORT_EVERY = 60.0  # at most one GuestAgentReplyInvalid event a minute
 _LOG_CHECK = 0.5  # how often console.log and qemu.log are checked against their cap
+_LIFECYCLE = (Condition.BOOTED, Condition.AGENT_CONNECTED, Condition.DISPLAY_CONNECTED)
+"""Conditions every VM has; TpmAvailable (useTpm) and QmpConnected (an orphan) only when
+they say something."""
 
 
 @dataclass(frozen=True)
@@ -135,6 +139,8 @@ class VmSupervisor:
         self._stopping = False
         self._restart_on_exit = False
         self._shutdown_seen = asyncio.Event()
+        self._kill_requested = asyncio.Event()  # kill() aborts a stop() waiting on powerdown
+        self._needs_restart: list[str] = []  # faults only a restart mends (swtpm died)
         self._finished = asyncio.Event()
         self._lock = asyncio.Lock()
         self._displays = 0
@@ -202,9 +208,21 @@ class VmSupervisor:
                 raise QemuError(f"VM {self.doc.name} is {self.state.value}, not stopped")
             await self._start_locked()
 
+    def _live_qemus(self) -> list[int]:
+        """This VM's qemu processes, found by argv (pidfile path, or UUID and name)."""
+        doc = self.doc
+        uuid = machine_uuid(doc, self.paths) or default_uuid(doc.name)
+        return find_qemu(self.files.pidfile, uuid=str(uuid), name=doc.name)
+
     async def _start_locked(self) -> None:
         doc = self.doc
         check_host(doc, self.policy, self.paths.emulator)
+        running = self._live_qemus()
+        if running:
+            raise Conflict(
+                f"VM {doc.name}: its qemu (pid {running[0]}) is still running; "
+                "stop or kill it before starting another"
+            )
         self._finished.clear()
         self._stopping = False
         self._restart_on_exit = False
@@ -212,11 +230,14 @@ class VmSupervisor:
         self.status.stopped_by = None
         self.status.exit = None
         self.status.pending_restart = []
+        self._needs_restart = []
         self.status.started_at = now_iso()
         self.status.booted_at = None
         self.status.stopped_at = None
-        for cond in Condition:
+        for cond in _LIFECYCLE:
             self.status.set_condition(cond, False, "Starting")
+        for cond in (Condition.TPM_AVAILABLE, Condition.QMP_CONNECTED):
+            self.status.conditions.pop(cond.value, None)
         self._set_state(VmState.STARTING)
         try:
             await self._prepare(doc)
@@ -382,12 +403,21 @@ class VmSupervisor:
     # --- attach ----------------------------------------------------------------------------
 
     async def attach(self) -> bool:
-        """Re-attach to this VM's qemu if it is alive (pidfile + QMP); False if it is not."""
+        """Re-attach to this VM's qemu if it is alive; False if it is not.
+
+        The qemu is found by its pidfile, confirmed by its argv, and else by its argv alone
+        (the runtime dir may be gone): see :func:`~corral.host.process.find_qemu`. One whose
+        QMP socket is gone cannot be controlled, yet runs: it is reported (event
+        ``OrphanedQemuFound``, condition ``QmpConnected`` False), Running, never started
+        twice, and stop/kill end it by signal."""
         async with self._lock:
             if self.state not in (VmState.STOPPED, VmState.CRASHED):
                 raise QemuError(f"VM {self.doc.name} is {self.state.value}; cannot attach")
+            live = self._live_qemus()
             pid = read_pidfile(self.files.pidfile)
-            if pid is None or not pid_alive(pid) or "qemu" not in (process_exe_name(pid) or ""):
+            if pid is None or pid not in live:
+                pid = live[0] if live else None
+            if pid is None or "qemu" not in (process_exe_name(pid) or ""):
                 return False
             self._pid = self.status.pid = pid
             self._proc = None
@@ -396,10 +426,12 @@ class VmSupervisor:
                 self._monitor = await Monitor.connect(
                     self.files.qmp, timeout=10, alive=self._exited
                 )
-            except QemuError:
-                self._exited.cancel()
-                self._pid = self.status.pid = None
-                return False
+            except QemuError as exc:
+                if self._exited.done():
+                    self._pid = self.status.pid = None
+                    return False
+                self._adopt_orphan(pid, exc)
+                return True
             self._finished.clear()
             self._stopping = False
             started = self._load_started()
@@ -408,6 +440,9 @@ class VmSupervisor:
                 self.status.started_at, self.status.accelerator = started[1], started[2]
             self._swtpm = Swtpm.attach(self.files.swtpm_pid, self.files.swtpm_sock)
             self.status.swtpm_pid = self._swtpm.pid if self._swtpm else None
+            self._needs_restart = []
+            if self._swtpm is None and self._started_doc.vm.use_tpm:
+                self._swtpm_lost(read_pidfile(self.files.swtpm_pid))
             try:
                 self._console_offset = self.files.console_log.stat().st_size
             except OSError:
@@ -423,6 +458,32 @@ class VmSupervisor:
         with contextlib.suppress(CorralError):  # a refused document is reported in status
             await self.apply(self.doc)
         return True
+
+    def _adopt_orphan(self, pid: int, exc: QemuError) -> None:
+        """A live qemu of this VM whose QMP socket is gone (runtime dir deleted): watch it
+        for its exit, say the truth, and keep it from being started twice."""
+        self.paths.runtime_dir.mkdir(mode=0o700, parents=True, exist_ok=True)
+        with contextlib.suppress(OSError):
+            write_atomic(self.files.pidfile, f"{pid}\n".encode(), 0o600)
+        self._finished.clear()
+        self._stopping = False
+        self._started_doc = self.doc
+        self.status.swtpm_pid = None
+        for cond in _LIFECYCLE:
+            self.status.set_condition(cond, False, "QmpUnavailable")
+        self.status.set_condition(Condition.QMP_CONNECTED, False, "QmpSocketGone")
+        self._needs_restart = ["qemu has no QMP socket: stop and start the VM"]
+        self.status.pending_restart = list(self._needs_restart)
+        self._event(
+            "OrphanedQemuFound",
+            pid=pid,
+            qmp=str(self.files.qmp),
+            error=str(exc),
+            hint="qemu runs but cannot be controlled; stop ends it by SIGTERM (no ACPI), "
+            "kill by SIGKILL",
+        )
+        self._spawn_task(self._watch_exit())
+        self._set_state(VmState.RUNNING, pid=pid, attached=True, orphaned=True)
 
     def _load_started(self) -> tuple[VmDocument, str | None, str | None] | None:
         """What the running qemu was started with: document, start time, accelerator."""
@@ -462,6 +523,44 @@ class VmSupervisor:
         if self._boot_marker:
             self._spawn_task(self._watch_console())
         self._spawn_task(self._rotate_logs())
+        if self._swtpm is not None:
+            self._spawn_task(self._watch_swtpm(self._swtpm))
+
+    async def _watch_swtpm(self, swtpm: Swtpm) -> None:
+        """swtpm's death while qemu runs: the guest's TPM fails (EIO) from then on.
+
+        qemu's TPM emulator backend hands swtpm its data channel once, at start, and never
+        reconnects (tried with qemu 7.2: a new swtpm on the same socket and state still gave
+        the guest EIO), so restarting swtpm under a running qemu would only pretend. The TPM
+        state is on disk (``<data dir>/tpm``): the VM needs a restart, which starts a new
+        swtpm on it. Reported as event ``SwtpmDied``, condition ``TpmAvailable`` False and a
+        pending restart."""
+        pid = swtpm.pid
+        if pid is None:
+            return
+        self._condition(Condition.TPM_AVAILABLE, True, "SwtpmRunning")
+        await _watch_pid(pid)
+        await asyncio.sleep(0.2)  # with --terminate, swtpm also ends when qemu does
+        qemu = self._pid
+        if self._stopping or qemu is None or not pid_alive(qemu) or self._swtpm is not swtpm:
+            return
+        self._swtpm_lost(pid)
+
+    def _swtpm_lost(self, pid: int | None) -> None:
+        self._swtpm = None
+        self.status.swtpm_pid = None
+        reason = "swtpm died: the guest's TPM fails until the VM is restarted"
+        if reason not in self._needs_restart:
+            self._needs_restart.append(reason)
+        self.status.pending_restart = _merged(self.status.pending_restart, self._needs_restart)
+        self._event(
+            "SwtpmDied",
+            pid=pid,
+            log=str(self.files.swtpm_log),
+            tpmState=str(self.paths.data_dir / "tpm"),
+            hint="restart the VM: its TPM state is kept on disk",
+        )
+        self._condition(Condition.TPM_AVAILABLE, False, "SwtpmDied")
 
     async def _pump_events(self) -> None:
         monitor = self._monitor
@@ -527,7 +626,8 @@ class VmSupervisor:
         self.status.pid = None
         self.status.stopped_at = now_iso()
         for cond in Condition:
-            self.status.set_condition(cond, False, "Stopped")
+            if cond in _LIFECYCLE or cond.value in self.status.conditions:
+                self.status.set_condition(cond, False, "Stopped")
         if self._restart_on_exit:
             self.status.restarts += 1
             self._set_state(VmState.STOPPED, exit=info.to_json())
@@ -694,7 +794,7 @@ class VmSupervisor:
         async with self._lock:
             self.doc = doc
             self.status.config_error = None
-            self.status.pending_restart = pending
+            self.status.pending_restart = _merged(pending, self._needs_restart)
             if self.state is not VmState.RUNNING or self._monitor is None:
                 self._publish()
                 return pending
@@ -814,12 +914,12 @@ class VmSupervisor:
         if is_remote_image(image):
             return image
         try:
-            fd = os.open(image, os.O_RDONLY | os.O_NONBLOCK | os.O_NOCTTY | os.O_CLOEXEC)
-        except OSError as exc:
-            raise QemuError(f"cannot open CD image {image}: {exc.strerror}") from exc
+            fd = open_file(image, block_devices=False)
+        except ChainError as exc:
+            raise QemuError(f"CD image: {exc}") from exc
+        if fd is None:
+            raise QemuError(f"CD image {image} does not exist")
         try:
-            if not stat.S_ISREG(os.fstat(fd).st_mode):
-                raise QemuError(f"CD image {image} is not a regular file")
             fdset = await monitor.add_fd(fd, opaque=image[-200:])
         finally:
             os.close(fd)
@@ -895,12 +995,17 @@ class VmSupervisor:
     # --- stop ------------------------------------------------------------------------------
 
     async def stop(self, *, timeout: float | None = None) -> str:
-        """Graceful stop; returns how it ended: powerdown, quit, kill (or already-stopped)."""
+        """Graceful stop; returns how it ended: powerdown, quit, kill (or already-stopped).
+
+        A :meth:`kill` while this waits for the guest aborts the wait at once: qemu gets
+        SIGKILL and this returns ``kill``. A qemu without QMP (an orphan) gets SIGTERM, qemu's
+        own clean quit, instead of an ACPI request."""
         async with self._lock:
             if self.state in (VmState.STOPPED, VmState.CRASHED):
                 return "already-stopped"
             self._stopping = True
             self._restart_on_exit = False
+            self._kill_requested.clear()
             self._set_state(VmState.STOPPING)
             exited = self._exited
             monitor = self._monitor
@@ -916,18 +1021,24 @@ class VmSupervisor:
                         how = await self._wait_powerdown(exited, limit)
                 except QemuError as exc:
                     self._event("PowerdownFailed", error=str(exc))
-            if not exited.done():
-                if how != "powerdown":
+            if not exited.done() and not self._kill_requested.is_set():
+                if how != "powerdown" and monitor is not None:
                     self._event("PowerdownTimeout", timeout=limit)
                     how = "quit"
                 if monitor is not None:
                     with contextlib.suppress(QemuError):
                         await monitor.execute("quit", timeout=5)
+                elif self._pid is not None:
+                    self._event("QuitBySignal", pid=self._pid, signal="SIGTERM")
+                    with contextlib.suppress(ProcessLookupError):
+                        os.kill(self._pid, signal.SIGTERM)
                 with contextlib.suppress(TimeoutError):
                     await asyncio.wait_for(asyncio.shield(exited), _QUIT_WAIT)
             if not exited.done():
                 how = "kill"
                 await self._kill_qemu()
+            if self._kill_requested.is_set():
+                how = "kill"
             self.status.stopped_by = how
         await self._finished.wait()
         return how
@@ -935,13 +1046,17 @@ class VmSupervisor:
     async def _wait_powerdown(self, exited: asyncio.Future[ExitInfo], limit: float) -> str:
         shutdown: asyncio.Future[Any] = asyncio.ensure_future(self._shutdown_seen.wait())
         gone: asyncio.Future[Any] = asyncio.ensure_future(asyncio.shield(exited))
+        killed: asyncio.Future[Any] = asyncio.ensure_future(self._kill_requested.wait())
         try:
             done, _ = await asyncio.wait(
-                {shutdown, gone}, timeout=limit, return_when=asyncio.FIRST_COMPLETED
+                {shutdown, gone, killed}, timeout=limit, return_when=asyncio.FIRST_COMPLETED
             )
         finally:
             shutdown.cancel()
             gone.cancel()
+            killed.cancel()
+        if self._kill_requested.is_set():
+            return "kill"
         return "powerdown" if done else "timeout"
 
     async def _kill_qemu(self) -> None:
@@ -955,7 +1070,18 @@ class VmSupervisor:
                 await asyncio.wait_for(asyncio.shield(self._exited), _KILL_WAIT)
 
     async def kill(self) -> None:
-        """SIGKILL qemu now (the user asked for it: reported as Stopped, not Crashed)."""
+        """SIGKILL qemu now (the user asked for it: reported as Stopped, not Crashed).
+
+        Never waits behind a graceful :meth:`stop` (which holds the lock for up to the
+        powerdown timeout): that stop is aborted, and its caller is told ``kill``."""
+        if self.state is VmState.STOPPING and self._lock.locked() and self._pid is not None:
+            self._kill_requested.set()
+            self._restart_on_exit = False
+            self.status.stopped_by = "kill"
+            self._event("StopAborted", by="kill", pid=self._pid)
+            await self._kill_qemu()
+            await self._finished.wait()
+            return
         async with self._lock:
             if self.state in (VmState.STOPPED, VmState.CRASHED):
                 return
@@ -985,6 +1111,10 @@ def _slot_key(slot: dict[str, object]) -> tuple[int, ...]:
     return tuple(
         int(props.get(k, 0)) for k in ("node-id", "socket-id", "die-id", "core-id", "thread-id")
     )
+
+
+def _merged(first: list[str], more: list[str]) -> list[str]:
+    return [*first, *(m for m in more if m not in first)]
 
 
 def _one_line(exc: CorralError) -> str:

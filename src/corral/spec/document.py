@@ -7,15 +7,18 @@ directory, so ``corral run -c vms/web.yaml`` means the same wherever it is run f
 
 from __future__ import annotations
 
+import difflib
 import json
 import os
 import re
+import types
+import typing
 from collections.abc import Mapping
 from pathlib import Path
 from typing import Any
 
 import yaml
-from pydantic import ValidationError
+from pydantic import BaseModel, ValidationError
 
 from corral.errors import FieldIssue, SpecError
 from corral.spec.models import VmDocument
@@ -58,15 +61,62 @@ def _format_loc(loc: tuple[int | str, ...]) -> str:
     return out
 
 
-def issues_from_validation(exc: ValidationError) -> list[FieldIssue]:
-    """Pydantic's errors as ``FieldIssue``s with document paths and readable reasons."""
+def _models_in(annotation: object) -> list[type[BaseModel]]:
+    """The pydantic models an annotation can hold (through Optional, list, dict, Annotated)."""
+    if isinstance(annotation, type) and issubclass(annotation, BaseModel):
+        return [annotation]
+    found: list[type[BaseModel]] = []
+    if isinstance(annotation, types.UnionType) or typing.get_origin(annotation) is not None:
+        for arg in typing.get_args(annotation):
+            found += [m for m in _models_in(arg) if m not in found]
+    return found
+
+
+def _known_fields(model: type[BaseModel], loc: tuple[int | str, ...]) -> list[str]:
+    """The field names (aliases) valid where ``loc`` points, for 'did you mean'."""
+    models = [model]
+    for part in loc[:-1]:
+        if isinstance(part, int):
+            continue
+        tagged = [m for m in models if m.__name__ == part]
+        if tagged:
+            models = tagged
+            continue
+        inner: list[type[BaseModel]] = []
+        for m in models:
+            for name, info in m.model_fields.items():
+                if part in (name, info.alias):
+                    inner += _models_in(info.annotation)
+        if not inner:
+            return []
+        models = inner
+    return [info.alias or name for m in models for name, info in m.model_fields.items()]
+
+
+def _did_you_mean(model: type[BaseModel] | None, loc: tuple[int | str, ...]) -> str:
+    if model is None or not loc or not isinstance(loc[-1], str):
+        return ""
+    known = _known_fields(model, loc)
+    close = difflib.get_close_matches(loc[-1], known, n=1, cutoff=0.6)
+    if not close and len(loc[-1]) >= 3:
+        close = [f for f in known if loc[-1].lower() in f.lower()][:3]
+    return f" (did you mean {' or '.join(map(repr, close))}?)" if close else ""
+
+
+def issues_from_validation(
+    exc: ValidationError, model: type[BaseModel] | None = None
+) -> list[FieldIssue]:
+    """Pydantic's errors as ``FieldIssue``s with document paths and readable reasons; with
+    ``model`` (the validated one), an unknown field gets the nearest known one suggested."""
     issues: list[FieldIssue] = []
     for err in exc.errors(include_url=False):
         loc = tuple(err["loc"])
         kind = err["type"]
         ctx = err.get("ctx") or {}
         reason = _REASONS.get(kind, err["msg"])
-        if kind == "corral_rule":
+        if kind == "extra_forbidden":
+            reason += _did_you_mean(model, loc)
+        elif kind == "corral_rule":
             if ctx.get("field"):
                 loc = (*loc, str(ctx["field"]))
             reason = str(ctx["reason"])
@@ -103,7 +153,7 @@ def parse_document(data: object, base_dir: Path | None = None) -> VmDocument:
     try:
         return VmDocument.model_validate(data)
     except ValidationError as exc:
-        raise SpecError("invalid VM document", issues_from_validation(exc)) from exc
+        raise SpecError("invalid VM document", issues_from_validation(exc, VmDocument)) from exc
 
 
 def load_document(text: str, base_dir: Path | None = None, source: str = "<input>") -> VmDocument:

@@ -23,7 +23,7 @@ from pydantic import AfterValidator, BaseModel, ConfigDict, Field, model_validat
 from pydantic.alias_generators import to_camel
 from pydantic_core import PydanticCustomError
 
-from corral.spec.sizes import ByteSize
+from corral.spec.sizes import ByteSize, format_size
 
 __all__ = [
     "Accelerator",
@@ -502,7 +502,12 @@ class VmSpec(_Model):
         if self.maximum_ram < 128 * 1024**2:
             raise _field_error("maximumRam", "must be at least 128Mi (qemu guests panic below)")
         if self.maximum_ram % (1024**2):
-            raise _field_error("maximumRam", "must be a whole number of MiB")
+            mib = self.maximum_ram / 1024**2
+            raise _field_error(
+                "maximumRam",
+                f"must be a whole number of MiB ({format_size(self.maximum_ram)} is "
+                f"{mib:.2f}Mi: write {int(mib)}Mi or {round(mib / 1024) or 1}Gi)",
+            )
         if self.current_ram is not None:
             if self.current_ram > self.maximum_ram:
                 raise _field_error("currentRam", "is more than maximumRam")

@@ -51,7 +51,8 @@ DEFAULT_BRIDGE_HELPER = "/usr/lib/qemu/qemu-bridge-helper"
 
 _COMMON_PROPS = ["id", "bus", "addr"]
 DEFAULT_DEVICE_ALLOWLIST: dict[str, list[str]] = {
-    # input and small emulated devices that touch no host resource
+    # input and small emulated devices that touch no host resource (no sound: an hda codec
+    # loads qemu's host audio backends and could reach a host microphone)
     "usb-tablet": ["id", "bus", "port"],
     "usb-kbd": ["id", "bus", "port"],
     "usb-mouse": ["id", "bus", "port"],
@@ -62,8 +63,6 @@ DEFAULT_DEVICE_ALLOWLIST: dict[str, list[str]] = {
     "usb-ehci": _COMMON_PROPS,
     "i6300esb": _COMMON_PROPS,
     "pvpanic": ["id", "ioport"],
-    "intel-hda": _COMMON_PROPS,
-    "hda-duplex": ["id", "bus", "cad"],
     "virtio-serial-pci": [*_COMMON_PROPS, "max_ports"],
 }
 """Drivers an allowlisted ``-device``/``-global`` may name by default, with their properties.
@@ -71,34 +70,28 @@ DEFAULT_DEVICE_ALLOWLIST: dict[str, list[str]] = {
 Never in it: ``loader``, anything with ``romfile``/``file``/``drive``/``chardev``/``netdev``
 properties, host pass-through (``vfio-pci``, ``usb-host``, ``vhost-*``), ``ivshmem``."""
 
-# Option keys that name a host file, device, socket or program: refused in the values of any
-# allowlisted option, whatever the policy says (use a disk, a cdrom or a network instead).
-_HOST_RESOURCE_KEYS = frozenset(
-    {
-        "file", "filename", "path", "romfile", "sock", "socket", "script", "downscript",
-        "helper", "fd", "fds", "vhostfd", "vhostfds", "sysfsdev", "host", "hostbus",
-        "hostaddr", "hostport", "hostdevice", "kernel", "initrd", "dtb", "bios", "data",
-        "logfile", "mem-path", "share", "splash", "chardev", "netdev", "drive", "memdev", "rng",
-        "tpmdev", "iothread", "x-vfio-user-server", "url", "addr.path", "dir", "mount_tag",
-        "fsdev",
-    }
-)  # fmt: skip
-_KEY_PREFIXES = ("file.", "backing.", "data-file", "server.", "addr.")
-_UNSAFE_OPTIONS = frozenset(
-    {
-        "-drive", "-hda", "-hdb", "-hdc", "-hdd", "-cdrom", "-fda", "-fdb", "-mtdblock",
-        "-sd", "-pflash", "-blockdev", "-chardev", "-netdev", "-net", "-object", "-fsdev",
-        "-virtfs", "-fw_cfg", "-smbios", "-acpitable", "-add-fd", "-loadvm", "-incoming",
-        "-monitor", "-qmp", "-qmp-pretty", "-mon", "-serial", "-parallel", "-debugcon",
-        "-pidfile", "-daemonize", "-runas", "-chroot", "-sandbox", "-D", "-d", "-trace",
-        "-kernel", "-initrd", "-dtb", "-bios", "-L", "-readconfig", "-writeconfig",
-        "-plugin", "-semihosting-config", "-gdb", "-s", "-S", "-usbdevice", "-tpmdev",
-        "-spice", "-vnc", "-display", "-audiodev", "-machine", "-M",
-        "-accel", "-mem-path", "-option-rom", "-run-with", "-mem-prealloc", "-icount",
-    }
-)  # fmt: skip
-"""Options that open host files, sockets or programs, or undo corral's own setup: refused in
-``extraArgs`` even when a policy lists them (the VM document has a field for each real need)."""
+_WORD = re.compile(r"^[A-Za-z0-9_.+:-]{1,64}$")
+_EXTRA_OPTIONS: dict[str, str | frozenset[str] | None] = {
+    "-device": "device",
+    "-global": "device",
+    "-k": "word",
+    "-vga": "word",
+    "-watchdog-action": "word",
+    "-rtc": frozenset({"base", "clock", "driftfix"}),
+    "-boot": frozenset({"order", "once", "menu", "splash-time", "reboot-timeout", "strict"}),
+    "-overcommit": frozenset({"mem-lock", "cpu-pm"}),
+    "-msg": frozenset({"timestamp", "guest-name"}),
+    "-action": frozenset({"reboot", "shutdown", "panic", "watchdog"}),
+    "-no-reboot": None,
+    "-no-hpet": None,
+    "-usb": None,
+}
+"""The qemu options ``extraArgs`` can ever use, even when a host allowlists more, and what
+each takes: None (a flag: no value), ``device`` (``deviceAllowlist`` decides), ``word`` (one
+plain word), or the option keys it may set, whose values are plain words. Anything else
+(``-drive``, ``-object``, ``-set``, ``-nic``, ``-chardev``, ``-smbios``, ``-dump-vmstate``...)
+can open host files, sockets or programs, or undo corral's own setup: a positive list, because
+qemu has too many such options for a denylist to stay complete."""
 
 
 class HostPolicy(BaseModel):
@@ -173,7 +166,8 @@ def load_policy(path: str | os.PathLike[str] | None = None) -> HostPolicy:
     try:
         return HostPolicy.model_validate(data)
     except ValidationError as exc:
-        raise SpecError(f"invalid host policy {file}", issues_from_validation(exc)) from exc
+        issues = issues_from_validation(exc, HostPolicy)
+        raise SpecError(f"invalid host policy {file}", issues) from exc
 
 
 def path_within(path: str, allowed: list[str]) -> bool:
@@ -271,17 +265,17 @@ def check_policy(doc: VmDocument, policy: HostPolicy, emulator: str | None = Non
 
 
 def _check_extra_args(args: list[str], policy: HostPolicy) -> list[FieldIssue]:
-    """Each option listed in ``argsAllowlist`` and not one that opens host resources; each
-    value right after its option; ``-device``/``-global`` values within ``deviceAllowlist``;
-    other values naming no host file, socket or program."""
+    """Each option listed in ``argsAllowlist`` and known to corral (:data:`_EXTRA_OPTIONS`);
+    a value only right after an option that takes one; values within what the option allows
+    (``-device``/``-global``: ``deviceAllowlist``)."""
     allowed = set(policy.args_allowlist)
     issues: list[FieldIssue] = []
-    option: str | None = None
+    option: str | None = None  # the option whose value comes next, if it takes one
     refused = False
     for i, arg in enumerate(args):
         loc = f"spec.vm.extraArgs[{i}]"
         if arg.startswith("-") and not _is_number(arg):
-            option, refused = "-" + arg.lstrip("-"), True
+            option, refused = arg, True
             if arg not in allowed:
                 issues.append(
                     FieldIssue(
@@ -290,17 +284,20 @@ def _check_extra_args(args: list[str], policy: HostPolicy) -> list[FieldIssue]:
                         f"({sorted(allowed) or 'empty: no extra args allowed'})",
                     )
                 )
-            elif option in _UNSAFE_OPTIONS:
+            elif arg not in _EXTRA_OPTIONS:
                 issues.append(
                     FieldIssue(
                         loc,
-                        f"{arg!r} opens host files, sockets or programs or undoes corral's own "
-                        "setup; it is refused even when allowlisted (use the VM document's "
-                        "fields for disks, networks and displays)",
+                        f"{arg!r} is refused even when allowlisted: corral allows in extraArgs "
+                        f"only options that reach no host file, socket or program "
+                        f"({sorted(_EXTRA_OPTIONS)}); the VM document has fields for disks, "
+                        "networks and displays",
                     )
                 )
             else:
                 refused = False
+                if _EXTRA_OPTIONS[arg] is None:
+                    option = None  # a flag: whatever follows is not its value
             continue
         if option is None:
             # qemu takes a value that follows no option as a disk image (-hda)
@@ -322,16 +319,21 @@ def _is_number(arg: str) -> bool:
 def _value_problem(option: str, value: str, devices: dict[str, list[str]]) -> str | None:
     if value.lstrip().startswith("{"):
         return f"{option} {value[:40]!r}: JSON option syntax is not accepted in extraArgs"
+    kind = _EXTRA_OPTIONS[option]
     parts = split_options(value)
-    if option in ("-device", "-global"):
+    if kind == "device":
         return _device_problem(option, parts, devices)
-    for part in parts:
-        key = part.partition("=")[0].strip().lower()
-        if "=" in part and (key in _HOST_RESOURCE_KEYS or key.startswith(_KEY_PREFIXES)):
-            return (
-                f"{option} {key}=...: names a host file, device, socket or program, which "
-                "extraArgs may never do"
-            )
+    if kind == "word":
+        return None if _WORD.fullmatch(value) else f"{option} takes one plain word"
+    assert isinstance(kind, frozenset)
+    for n, part in enumerate(parts):
+        key, sep, val = part.partition("=")
+        if not sep and n == 0 and _WORD.fullmatch(key):
+            continue  # the implied first value (-boot c)
+        if not sep or key not in kind:
+            return f"{option}: {key!r} is not an option corral allows for it ({sorted(kind)})"
+        if not _WORD.fullmatch(val):
+            return f"{option} {key}=...: the value must be a plain word"
     return None
 
 

@@ -1,9 +1,20 @@
-"""Byte sizes as users write them (``512Mi``, ``4Gi``, ``2G``, ``1073741824``).
+"""Byte sizes as users write them (``512Mi``, ``4Gi``, ``2G``, ``2GB``, ``1073741824``).
 
-The units follow qemu and libvirt, because a VM-Operator or qemu user writes ``maximumRam: 1G``
-and means one gibibyte: a bare letter (``K M G T``) and the IEC forms (``Ki``/``KiB``...) are
-binary; the SI forms with a ``B`` (``KB MB GB TB``) are decimal. A number without a unit is
-bytes. Fractions are allowed when the result is a whole number of bytes (``1.5Gi``).
+One rule, the one qemu (``-m 2G``), libvirt and VM-Operator's ``maximumRam: 1G`` use:
+
+- binary (powers of 1024): a bare letter ``K M G T``, and the IEC forms ``Ki Mi Gi Ti`` and
+  ``KiB MiB GiB TiB``;
+- decimal (powers of 1000): the SI forms with a ``B``, ``kB``/``KB MB GB TB``;
+- bytes: a plain number, or ``B``.
+
+Units are case-sensitive and follow the number directly: ``Mb`` (megabits?), ``mb``, ``gib`` or
+``4 GB`` are refused with the spellings that mean what the user most likely meant, because a
+guess here is a VM with a thousandth or 7% less memory than asked. Fractions are allowed when
+the result is a whole number of bytes (``1.5Gi``).
+
+A size is kept as bytes and written back in the shortest exact form of either family, so what
+the user wrote comes back (``256MB`` stays ``256MB``, ``4Gi`` stays ``4Gi``) or, for an exotic
+spelling, its plain equivalent (``4096M`` -> ``4Gi``).
 """
 
 from __future__ import annotations
@@ -16,27 +27,39 @@ from pydantic import BeforeValidator, PlainSerializer, WithJsonSchema
 
 __all__ = ["ByteSize", "format_size", "parse_size"]
 
+_BINARY = {"K": 1024, "M": 1024**2, "G": 1024**3, "T": 1024**4}
+_DECIMAL = {"K": 1000, "M": 1000**2, "G": 1000**3, "T": 1000**4}
 _UNITS: dict[str, int] = {
     "": 1,
-    "b": 1,
-    "k": 1024,
-    "ki": 1024,
-    "kib": 1024,
-    "m": 1024**2,
-    "mi": 1024**2,
-    "mib": 1024**2,
-    "g": 1024**3,
-    "gi": 1024**3,
-    "gib": 1024**3,
-    "t": 1024**4,
-    "ti": 1024**4,
-    "tib": 1024**4,
-    "kb": 1000,
-    "mb": 1000**2,
-    "gb": 1000**3,
-    "tb": 1000**4,
+    "B": 1,
+    **{letter: factor for letter, factor in _BINARY.items()},
+    **{f"{letter}i": factor for letter, factor in _BINARY.items()},
+    **{f"{letter}iB": factor for letter, factor in _BINARY.items()},
+    **{f"{letter}B": factor for letter, factor in _DECIMAL.items()},
+    "kB": 1000,
 }
-_SIZE_RE = re.compile(r"^\s*([0-9]+(?:\.[0-9]+)?)\s*([A-Za-z]*)\s*$")
+_SIZE_RE = re.compile(r"^\s*([0-9]+(?:\.[0-9]+)?)(\s*)([A-Za-z]*)\s*$")
+_UNIT_HELP = "use Ki/Mi/Gi/Ti or K/M/G/T for binary, KB/MB/GB/TB for decimal"
+
+
+def _ambiguous(value: str, number: str, unit: str, spaced: bool) -> str | None:
+    """Why ``value`` is refused and what to write instead, when it is a near miss."""
+    letter = unit[:1].upper()
+    if letter not in _BINARY or unit.lower() not in {
+        letter.lower() + rest for rest in ("", "i", "ib", "b")
+    }:
+        return None
+    binary, decimal = f"{number}{letter}i", f"{number}{letter}B"
+    if spaced and unit in _UNITS:
+        why = "a unit follows the number without a space"
+    elif unit.endswith("b") and not unit.endswith("ib"):
+        why = f"{unit!r} reads as bits; units are case-sensitive"
+    else:
+        why = f"{unit!r} is not a unit (they are case-sensitive)"
+    return (
+        f"{value!r} is ambiguous: {why}; write {binary!r} (binary, {letter}i = "
+        f"{_BINARY[letter]} bytes) or {decimal!r} (decimal, {_DECIMAL[letter]} bytes)"
+    )
 
 
 def parse_size(value: object) -> int:
@@ -56,13 +79,13 @@ def parse_size(value: object) -> int:
     match = _SIZE_RE.match(value)
     if not match:
         raise ValueError(f"{value!r} is not a size (examples: 512Mi, 4Gi, 2G, 1073741824)")
-    number, unit = match.groups()
-    factor = _UNITS.get(unit.lower())
-    if factor is None:
-        raise ValueError(
-            f"unknown unit {unit!r} in {value!r} (use Ki/Mi/Gi/Ti or K/M/G/T for binary, "
-            "KB/MB/GB/TB for decimal)"
-        )
+    number, space, unit = match.groups()
+    factor = _UNITS.get(unit)
+    if factor is None or (space and unit):
+        reason = _ambiguous(value, number, unit, bool(space))
+        if reason is not None:
+            raise ValueError(reason)
+        raise ValueError(f"unknown unit {unit!r} in {value!r} ({_UNIT_HELP})")
     try:
         total = Decimal(number) * factor
     except InvalidOperation as exc:  # pragma: no cover - the regex admits only decimals
@@ -73,11 +96,19 @@ def parse_size(value: object) -> int:
 
 
 def format_size(size: int) -> str:
-    """The shortest exact IEC form: ``1073741824`` -> ``1Gi``; ``1000`` -> ``1000``."""
-    for suffix, factor in (("Ti", 1024**4), ("Gi", 1024**3), ("Mi", 1024**2), ("Ki", 1024)):
-        if size and size % factor == 0:
-            return f"{size // factor}{suffix}"
-    return str(size)
+    """The shortest exact form in either family, binary on a tie: ``1073741824`` -> ``1Gi``,
+    ``256000000`` -> ``256MB`` (not ``250000Ki``), ``1000`` -> ``1KB``, ``1536`` -> ``1536``."""
+    best = str(size)
+    if not size:
+        return best
+    for family, suffix in ((_BINARY, "i"), (_DECIMAL, "B")):
+        for letter in ("T", "G", "M", "K"):
+            if size % family[letter] == 0:
+                text = f"{size // family[letter]}{letter}{suffix}"
+                if len(text) < len(best):
+                    best = text
+                break
+    return best
 
 
 ByteSize = Annotated[
@@ -88,10 +119,11 @@ ByteSize = Annotated[
         {
             "anyOf": [
                 {"type": "integer", "minimum": 0},
-                {"type": "string", "pattern": r"^\s*[0-9]+(\.[0-9]+)?\s*[A-Za-z]*\s*$"},
+                {"type": "string", "pattern": r"^\s*[0-9]+(\.[0-9]+)?[A-Za-z]*\s*$"},
             ],
             "description": "bytes, or a size like 512Mi, 4Gi, 2G (binary), 2GB (decimal)",
         }
     ),
 ]
-"""An ``int`` of bytes in Python, parsed from any accepted form, written back as ``4Gi``."""
+"""An ``int`` of bytes in Python, parsed from any accepted form, written back as ``4Gi`` or
+``256MB`` (``format_size``)."""
