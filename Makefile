@@ -14,9 +14,9 @@ PYTEST_ARGS ?=
 # installs the few it needs on top of these (debootstrap, busybox-static, ...) by itself.
 APT_PACKAGES := qemu-system-x86 qemu-utils qemu-block-extra swtpm swtpm-tools ovmf \
 	mtools dosfstools genisoimage cpio zstd busybox-static debootstrap \
-	python3-venv systemd
+	python3-venv systemd iproute2 util-linux
 APT_COMMANDS := qemu-system-x86_64 qemu-img swtpm swtpm_setup mcopy mkfs.vfat genisoimage \
-	cpio zstd busybox debootstrap systemd-analyze
+	cpio zstd busybox debootstrap systemd-analyze ip unshare
 
 .PHONY: help run stop test lint bench deps deps-system deps-python guests clean
 

@@ -14,7 +14,7 @@ import subprocess
 import sys
 import threading
 import time
-from collections.abc import Callable, Iterator
+from collections.abc import Callable, Iterator, Sequence
 from pathlib import Path
 from typing import Any
 
@@ -105,9 +105,10 @@ class Stack:
         return self.ok("exec", name, "--", "/bin/sh", "-c", command).strip()
 
 
-@pytest.fixture(scope="module")
-def stack(tiny_guest: Any) -> Iterator[Stack]:
-    root = Path(os.path.realpath("/tmp")) / f"ca-{os.getpid()}-{time.monotonic_ns() % 10**8}"
+def running_stack(prefix: str, vm_names: Sequence[str]) -> Iterator[Stack]:
+    """A daemon in a fresh /tmp root for a module's tests; afterwards the daemon is stopped,
+    the named VMs' qemus killed and the root removed."""
+    root = Path(os.path.realpath("/tmp")) / f"{prefix}-{os.getpid()}-{time.monotonic_ns() % 10**8}"
     root.mkdir()
     s = Stack(root)
     try:
@@ -120,10 +121,15 @@ def stack(tiny_guest: Any) -> Iterator[Stack]:
                 s.proc.wait(timeout=60)
             except subprocess.TimeoutExpired:
                 s.proc.kill()
-        for name in ("web1", "web2", "cli-alias", "disk-a", "disk-b"):
+        for name in vm_names:
             for pid in qemu_pids(name):
                 os.kill(pid, signal.SIGKILL)
         shutil.rmtree(root, ignore_errors=True)
+
+
+@pytest.fixture(scope="module")
+def stack(tiny_guest: Any) -> Iterator[Stack]:
+    yield from running_stack("ca", ("web1", "web2", "cli-alias", "disk-a", "disk-b"))
 
 
 @pytest.fixture(scope="module")

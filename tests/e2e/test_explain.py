@@ -5,22 +5,17 @@ console of a missing or stopped VM, ``corral display`` and ``corral show``."""
 from __future__ import annotations
 
 import json
-import os
-import shutil
-import signal
 import socket
-import subprocess
 import time
 from collections.abc import Iterator
-from pathlib import Path
 from typing import Any
 
 import pytest
 import yaml
 
 from corral.client import Client
-from tests.e2e.test_api_cli import Stack
-from tests.integration.test_manager import qemu_pids, tiny
+from tests.e2e.test_api_cli import Stack, running_stack
+from tests.integration.test_manager import tiny
 
 pytestmark = [pytest.mark.integration, pytest.mark.slow]
 
@@ -38,22 +33,7 @@ def _free_vnc_port() -> int:
 
 @pytest.fixture(scope="module")
 def stack(tiny_guest: Any) -> Iterator[Stack]:
-    root = Path(os.path.realpath("/tmp")) / f"cx-{os.getpid()}-{time.monotonic_ns() % 10**8}"
-    root.mkdir()
-    s = Stack(root)
-    try:
-        s.start()
-        yield s
-    finally:
-        if s.proc is not None and s.proc.poll() is None:
-            s.proc.send_signal(signal.SIGTERM)
-            try:
-                s.proc.wait(timeout=60)
-            except subprocess.TimeoutExpired:
-                s.proc.kill()
-        for pid in qemu_pids("shown"):
-            os.kill(pid, signal.SIGKILL)
-        shutil.rmtree(root, ignore_errors=True)
+    yield from running_stack("cx", ("shown",))
 
 
 def test_apply_without_metadata_names_it(stack: Stack, tiny_guest: Any) -> None:
