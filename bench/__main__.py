@@ -4,9 +4,9 @@ from __future__ import annotations
 
 import argparse
 
-from bench import api, manager, runner
+from bench import api, faults, manager, runner
 
-BENCHMARKS = {"runner": runner, "manager": manager, "api": api}
+BENCHMARKS = {"runner": runner, "manager": manager, "api": api, "faults": faults}
 
 
 def _sizes(text: str) -> list[int]:
@@ -48,7 +48,13 @@ def main() -> None:
         "--list-calls", type=int, default=None,
         help="list calls per size (manager: 200, >= 200; api: 30, >= 30)",
     )  # fmt: skip
-    parser.add_argument("--vms", type=int, default=1000, help="api: defined VMs in the daemon")
+    parser.add_argument(
+        "--vms",
+        type=int,
+        default=None,
+        help="api: defined VMs in the daemon (1000); faults: running VMs (3)",
+    )
+    parser.add_argument("--lock", type=float, default=3.0, help="faults: store lock held (s)")
     parser.add_argument(
         "--help-runs", type=int, default=10, help="api: corral --help runs (median)"
     )
@@ -67,9 +73,11 @@ def main() -> None:
             )  # fmt: skip
         elif name == "api":
             api.main(
-                args.vms, args.calls, args.list_calls or 30,
+                args.vms or 1000, args.calls, args.list_calls or 30,
                 args.rounds if args.rounds is not None else 5, args.help_runs,
             )  # fmt: skip
+        elif name == "faults":
+            faults.main(args.rounds or 3, args.vms or 3, args.lock)
 
 
 if __name__ == "__main__":

@@ -8,9 +8,12 @@ with their field paths, so a script handles a remote refusal like a local one.
 
 from __future__ import annotations
 
+import contextlib
 import json
 import os
+import socket as _socket
 import ssl
+import threading
 from collections.abc import Callable, Iterator
 from pathlib import Path
 from typing import Any, cast
@@ -28,11 +31,16 @@ from corral.errors import (
     PolicyError,
     QemuError,
     SpecError,
+    StoreUnavailable,
     Timeout,
     Unauthorized,
 )
 
-__all__ = ["Client", "default_socket"]
+__all__ = ["NEW_EVENTS", "Client", "EventStream", "default_socket"]
+
+NEW_EVENTS = 2**62
+"""``after`` beyond every event id the daemon hands out: a follow that starts with what
+happens next, without replaying the past."""
 
 _BY_TYPE: dict[str, type[CorralError]] = {
     cls.problem_type: cls
@@ -46,6 +54,7 @@ _BY_TYPE: dict[str, type[CorralError]] = {
         QemuError,
         Unauthorized,
         Timeout,
+        StoreUnavailable,
     )
 }
 _BY_STATUS: dict[int, type[CorralError]] = {
@@ -80,6 +89,12 @@ def _error(response: httpx.Response) -> CorralError:
         if isinstance(e, dict)
     ]
     cls = _BY_TYPE.get(str(body.get("type"))) or _BY_STATUS.get(response.status_code, CorralError)
+    if cls is StoreUnavailable:
+        retry = response.headers.get("retry-after", "")
+        return StoreUnavailable(
+            detail, issues, reason=str(body.get("reason") or "io"),
+            retry_after=int(retry) if retry.isdigit() and len(retry) < 6 else 1,
+        )  # fmt: skip
     return cls(detail, issues)
 
 
@@ -225,11 +240,26 @@ class Client:
             params["force"] = "true"
         return cast(dict[str, Any], self.request("DELETE", f"/v1/vms/{name}", params=params))
 
-    def action(self, name: str, verb: str, *, wait: float | None = None) -> dict[str, Any]:
+    def action(
+        self, name: str, verb: str, *, wait: float | None = None, until: str | None = None
+    ) -> dict[str, Any]:
+        """``start``, ``stop``, ``restart``, ``reset``, ``kill``; with ``wait`` seconds, the VM
+        once it is Running (stop: Stopped), or (start, restart) once ``until`` holds:
+        ``condition=Booted``. The daemon raises :class:`Timeout` when ``wait`` runs out."""
         return cast(
             dict[str, Any],
-            self.request("POST", f"/v1/vms/{name}/{verb}", params={"wait": wait},
+            self.request("POST", f"/v1/vms/{name}/{verb}", params={"wait": wait, "for": until},
                          timeout=(wait + 30) if wait else None),
+        )  # fmt: skip
+
+    def wait(self, name: str, until: str, *, timeout: float = 30.0) -> dict[str, Any]:
+        """The VM once ``until`` holds (``state=Stopped``, ``condition=Booted``,
+        ``condition=AgentConnected``; ``kubectl wait --for``); :class:`Timeout` after
+        ``timeout`` seconds, with where the VM is in the message."""
+        return cast(
+            dict[str, Any],
+            self.request("GET", f"/v1/vms/{name}/wait", params={"for": until, "timeout": timeout},
+                         timeout=timeout + 30),
         )  # fmt: skip
 
     def exec(
@@ -255,6 +285,37 @@ class Client:
                 for line in response.iter_lines():
                     if line.startswith("data: "):
                         yield cast(dict[str, Any], json.loads(line[6:]))
+        except httpx.TransportError as exc:
+            raise self._unreachable(exc) from exc
+
+    def follow_events(self, name: str | None = None, *, after: int = NEW_EVENTS) -> EventStream:
+        """Live events (by default only new ones) as an :class:`EventStream` that another
+        thread can end: what a command shows progress from while its main thread waits."""
+        path = f"/v1/vms/{name}/events" if name else "/v1/events"
+        return EventStream(self, path, {"follow": "true", "after": after})
+
+    def logs(
+        self, name: str, *, source: str = "console", tail: int | None = None,
+        follow: bool = False, raw: bool = False,
+    ) -> Iterator[bytes]:  # fmt: skip
+        """A VM's console log (``source="console"``: what the guest printed) or qemu's log
+        (``"qemu"``), in chunks as they arrive: the last ``tail`` lines (all: None), then with
+        ``follow`` what is appended, until the caller stops iterating. The daemon sends
+        printable UTF-8 text (every control character but newline and tab shown as ``^[``
+        and the like); ``raw``: the bytes as written, escape sequences included."""
+        params: dict[str, str | int] = {"source": source, "follow": str(follow).lower(),
+                                        "raw": str(raw).lower()}  # fmt: skip
+        if tail is not None:
+            params["tail"] = tail
+        try:
+            with self._http.stream(
+                "GET", f"/v1/vms/{quote(name, safe='')}/logs", params=params,
+                timeout=None if follow else httpx.USE_CLIENT_DEFAULT,
+            ) as response:  # fmt: skip
+                if response.status_code >= 400:
+                    response.read()
+                    raise _error(response)
+                yield from response.iter_bytes()
         except httpx.TransportError as exc:
             raise self._unreachable(exc) from exc
 
@@ -341,3 +402,51 @@ class Client:
             return f"ws://corral/v1/vms/{name}/console"
         scheme = "wss" if self.base_url.startswith("https") else "ws"
         return f"{scheme}://{self.base_url.split('://', 1)[1]}/v1/vms/{name}/console"
+
+
+class EventStream:
+    """A followed event stream (``?follow=true``) that another thread can end at once.
+
+    Iterate it (in one thread) for the events as dicts; :meth:`close` (from any thread) shuts
+    the connection's socket down, which wakes a reader blocked on it (closing the client would
+    not), and the iteration then just ends. ``opened`` is set once the daemon has answered."""
+
+    def __init__(self, client: Client, path: str, params: dict[str, str | int]) -> None:
+        self.opened = threading.Event()
+        self._client = client
+        self._path = path
+        self._params = params
+        self._lock = threading.Lock()
+        self._closed = False
+        self._socket: _socket.socket | None = None
+
+    def __iter__(self) -> Iterator[dict[str, Any]]:
+        try:
+            with self._client._http.stream(
+                "GET", self._path, params=self._params, timeout=None
+            ) as response:
+                if response.status_code >= 400:
+                    response.read()
+                    raise _error(response)
+                stream = response.extensions.get("network_stream")
+                with self._lock:
+                    if self._closed:
+                        return
+                    self._socket = stream.get_extra_info("socket") if stream else None
+                self.opened.set()
+                for line in response.iter_lines():
+                    if line.startswith("data: "):
+                        yield cast(dict[str, Any], json.loads(line[6:]))
+        except httpx.TransportError as exc:
+            if not self._closed:
+                raise self._client._unreachable(exc) from exc
+        finally:
+            self.opened.set()
+
+    def close(self) -> None:
+        with self._lock:
+            self._closed = True
+            sock, self._socket = self._socket, None
+        if sock is not None:
+            with contextlib.suppress(OSError):
+                sock.shutdown(_socket.SHUT_RDWR)

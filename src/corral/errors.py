@@ -10,13 +10,16 @@ field path for validation errors.
     CorralError
      ├── SpecError            the VM document is invalid (field path + reason for each issue)
      ├── PolicyError          the document is valid but the host policy refuses it
-     │    └── Forbidden       an API client asked for a host resource the policy keeps
+     │    ├── Forbidden       an API client asked for a host resource the policy keeps
+     │    └── CapacityError   the host has no room for it now (CPU/RAM overcommit limits)
      ├── NotFound             a named VM, image or file does not exist
      ├── Conflict             a stale resourceVersion, a duplicate name, a busy resource
      ├── HostError            the host lacks something (qemu binary, OVMF, swtpm, a tool)
      ├── QemuError            qemu failed to start or answered a command with an error
      ├── Unauthorized         no bearer token, or a wrong one (TCP API)
-     └── Timeout              a wait (--wait, a powerdown) ran out
+     ├── Timeout              a wait (--wait, a powerdown) ran out
+     └── StoreUnavailable     the manager's store cannot be written now (locked, disk full,
+                              I/O error, read-only): nothing was changed; retry later
 """
 
 from __future__ import annotations
@@ -25,6 +28,7 @@ from collections.abc import Iterable, Sequence
 from dataclasses import dataclass
 
 __all__ = [
+    "CapacityError",
     "Conflict",
     "CorralError",
     "FieldIssue",
@@ -34,6 +38,7 @@ __all__ = [
     "PolicyError",
     "QemuError",
     "SpecError",
+    "StoreUnavailable",
     "Timeout",
     "Unauthorized",
 ]
@@ -51,10 +56,12 @@ class FieldIssue:
 
 
 class CorralError(Exception):
-    """Root of the tree. ``status`` is the HTTP status the REST API maps it to."""
+    """Root of the tree. ``status`` is the HTTP status the REST API maps it to;
+    ``retry_after`` (seconds), when set, its ``Retry-After`` header."""
 
     status: int = 500
     problem_type: str = "about:blank"
+    retry_after: int | None = None
 
     def __init__(self, message: str, issues: Iterable[FieldIssue] = ()) -> None:
         self.issues: tuple[FieldIssue, ...] = tuple(issues)
@@ -102,6 +109,15 @@ class Forbidden(PolicyError):
     problem_type = "urn:corral:forbidden"
 
 
+class CapacityError(PolicyError):
+    """The host's CPU/RAM limits leave no room for this VM *now*: unlike the rest of the policy
+    it passes once other VMs stop, so a start refused for it is retried, never ``Failed``."""
+
+    @classmethod
+    def of(cls, issues: Sequence[FieldIssue]) -> CapacityError:
+        return cls("refused: no capacity on this host now", issues)
+
+
 class NotFound(CorralError):
     status = 404
     problem_type = "urn:corral:not-found"
@@ -120,10 +136,18 @@ class HostError(CorralError):
 
 
 class QemuError(CorralError):
-    """qemu (or qemu-img, swtpm) failed, or a QMP command returned an error."""
+    """qemu (or qemu-img, swtpm) failed, or a QMP command returned an error. ``stderr``: the
+    last lines qemu itself wrote when it failed to start (bounded and printable), also at the
+    end of the message; empty when there are none."""
 
     status = 502
     problem_type = "urn:corral:qemu"
+
+    def __init__(
+        self, message: str, issues: Iterable[FieldIssue] = (), *, stderr: str = ""
+    ) -> None:
+        super().__init__(message, issues)
+        self.stderr = stderr
 
 
 class Unauthorized(CorralError):
@@ -134,3 +158,25 @@ class Unauthorized(CorralError):
 class Timeout(CorralError):
     status = 504
     problem_type = "urn:corral:timeout"
+
+
+class StoreUnavailable(CorralError):
+    """The manager's store cannot be written now: another process holds its write lock, its
+    filesystem is full, or it fails with an I/O error or is read-only. The request changed
+    nothing and may be retried (``retry_after`` seconds); ``reason`` is one word for
+    scripts: ``locked``, ``full``, ``io`` or ``read-only``."""
+
+    status = 503
+    problem_type = "urn:corral:store-unavailable"
+
+    def __init__(
+        self,
+        message: str,
+        issues: Iterable[FieldIssue] = (),
+        *,
+        reason: str = "io",
+        retry_after: int = 1,
+    ) -> None:
+        super().__init__(message, issues)
+        self.reason = reason
+        self.retry_after = retry_after

@@ -105,12 +105,16 @@ class Stack:
         return self.ok("exec", name, "--", "/bin/sh", "-c", command).strip()
 
 
-def running_stack(prefix: str, vm_names: Sequence[str]) -> Iterator[Stack]:
-    """A daemon in a fresh /tmp root for a module's tests; afterwards the daemon is stopped,
-    the named VMs' qemus killed and the root removed."""
+def running_stack(
+    prefix: str, vm_names: Sequence[str], policy: str | None = None
+) -> Iterator[Stack]:
+    """A daemon in a fresh /tmp root for a module's tests (``policy``: the host policy's YAML);
+    afterwards the daemon is stopped, the named VMs' qemus killed and the root removed."""
     root = Path(os.path.realpath("/tmp")) / f"{prefix}-{os.getpid()}-{time.monotonic_ns() % 10**8}"
     root.mkdir()
     s = Stack(root)
+    if policy is not None:
+        (root / "host.yaml").write_text(policy)
     try:
         s.start()
         yield s

@@ -50,7 +50,11 @@ async def test_lost_runtime_dir_finds_the_old_qemu_and_never_starts_a_second(
 
     await m.close()  # the daemon goes away; qemu runs on
     shutil.rmtree(box.config.run / "orph")
+    t0 = time.monotonic()
     m = await box.open()
+    adopted_in = time.monotonic() - t0
+    print(f"orphan adopted in {adopted_in:.2f}s")
+    assert adopted_in < 8, "a qemu without its QMP socket is found without waiting for it"
     await asyncio.sleep(4)  # several resyncs (1 s): any second start would have happened
 
     assert qemu_pids("orph") == [pid]

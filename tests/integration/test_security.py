@@ -213,7 +213,8 @@ async def test_generated_display_password_is_locked_and_written_nowhere(
     secret.write_text("s3cret\n")
     sup = m.backend.supervisor("disp")  # type: ignore[attr-defined]
     await sup.display_secret_changed()
-    assert any(e.kind == "DisplayPasswordSet" for e in m.events("disp"))
+    # the runner's event reaches the store through the manager's write-back, in a moment
+    await until(lambda: any(e.kind == "DisplayPasswordSet" for e in m.events("disp")), 5, "set")
     assert all("s3cret" not in str(e.data) for e in m.events("disp"))
     await m.stop("disp", wait=60)
 

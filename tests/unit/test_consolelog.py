@@ -15,9 +15,12 @@ from pydantic import ValidationError
 from corral.host.consolelog import (
     DEFAULT_MAX_BYTES,
     LogFollower,
+    log_exists,
     needs_rotation,
+    read_spans,
     rotate,
     rotated_path,
+    tail_spans,
 )
 from corral.spec import HostPolicy
 
@@ -165,3 +168,38 @@ def test_the_cap_is_host_policy() -> None:
     assert policy.console_log_max_size == 256 * 1024
     with pytest.raises(ValidationError):
         HostPolicy.model_validate({"consoleLogMaxSize": 100})
+
+
+def _tail(log: Path, lines: int | None) -> bytes:
+    spans, _ = tail_spans(log, lines)
+    return b"".join(read_spans(spans, limit=3))  # small reads: pieces join whole
+
+
+def test_tail_reads_the_last_lines_across_the_rotated_copy(tmp_path: Path) -> None:
+    """``corral logs --tail N`` (issue 11, "Failures 3"): the last N lines of ``.1`` and the
+    log, an unfinished last line counting as one, as ``tail -n`` counts them."""
+    log = tmp_path / "console.log"
+    assert not log_exists(log)
+    assert tail_spans(log, 5) == ([], 0)
+    log.write_bytes(b"one\ntwo\nthree\n")
+    rotate(log)
+    assert log_exists(log) and log.stat().st_size == 0
+    log.write_bytes(b"four\nfive")
+    assert _tail(log, None) == b"one\ntwo\nthree\nfour\nfive"
+    assert _tail(log, 0) == b""
+    assert _tail(log, 1) == b"five"
+    assert _tail(log, 2) == b"four\nfive"
+    assert _tail(log, 3) == b"three\nfour\nfive"
+    assert _tail(log, 99) == b"one\ntwo\nthree\nfour\nfive"
+    with log.open("ab") as f:
+        f.write(b"\n")
+    assert _tail(log, 1) == b"five\n"
+    assert tail_spans(log, 1)[1] == log.stat().st_size  # following starts at the end
+
+
+def test_tail_reads_back_only_what_it_needs(tmp_path: Path) -> None:
+    log = tmp_path / "console.log"
+    log.write_bytes(b"".join(b"line %08d\n" % i for i in range(200_000)))  # 2.8 MB
+    spans, _ = tail_spans(log, 3)
+    assert spans == [(log, log.stat().st_size - 42, log.stat().st_size)]
+    assert b"".join(read_spans(spans)) == b"line 00199997\nline 00199998\nline 00199999\n"

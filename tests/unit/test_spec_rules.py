@@ -72,7 +72,7 @@ def test_minimal_document_and_defaults() -> None:
     assert vm.template is None and vm.template_name == "standard"
     assert vm.maximum_ram == GI and vm.cur_ram == GI
     assert vm.max_cpus == 4 and vm.cur_cpus == 4
-    assert vm.powerdown_timeout == 900
+    assert vm.powerdown_timeout == 120  # not VM-Operator's 900: see DEFAULT_POWERDOWN_TIMEOUT
     assert (vm.rtc_base, vm.rtc_clock) == ("utc", "rt")
     assert vm.use_tpm is False and vm.boot_menu is False
     assert vm.disks == [] and vm.networks == [] and vm.display is None

@@ -13,9 +13,11 @@ Routes (all under ``/v1`` but the probes)::
     GET  /v1/host                       POST /v1/host/shutdown
     GET  /v1/vms?state=&label=          POST /v1/vms (?adoptDisks=ID)
     GET|PUT|PATCH|DELETE /v1/vms/{name} (?deleteDisks=true, ?force=true: kill, no grace)
-    POST /v1/vms/{name}/start|stop|restart|reset|kill (?wait=SECONDS)
+    POST /v1/vms/{name}/start|stop|restart|reset|kill (?wait=SECONDS; start|restart: &for=)
+    GET  /v1/vms/{name}/wait?for=condition=Booted|state=Stopped&timeout=SECONDS
     GET  /v1/vms/{name}/events          GET /v1/events   (SSE; ?follow=true streams)
     WS   /v1/vms/{name}/console         POST /v1/vms/{name}/exec
+    GET  /v1/vms/{name}/logs            (?source=console|qemu&tail=N&follow=true&raw=true)
     POST /v1/vms/{name}/display (?expiry=SECONDS)
     GET|POST /v1/images                 PUT|DELETE /v1/images/{name}   (PUT: upload the bytes)
     GET  /v1/disks                      DELETE /v1/disks/{id}   (retained by deleted VMs)
@@ -24,10 +26,11 @@ Routes (all under ``/v1`` but the probes)::
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import json
 import re
 from collections.abc import AsyncIterator
-from typing import Annotated, Any
+from typing import Annotated, Any, Literal
 
 from fastapi import Body, FastAPI, Query, Request, WebSocket
 from fastapi.exceptions import RequestValidationError
@@ -40,8 +43,9 @@ from starlette.requests import ClientDisconnect
 from corral import __version__
 from corral.api.console import proxy_console
 from corral.api.limits import BodyLimits
-from corral.errors import CorralError, FieldIssue, SpecError
-from corral.manager import Manager, ManagerState, StoredEvent, VmRecord
+from corral.errors import CorralError, FieldIssue, SpecError, StoreUnavailable
+from corral.manager import Manager, ManagerState, StoredEvent, VmRecord, WaitTarget
+from corral.printable import PrintableDecoder
 
 __all__ = ["PROBLEM", "create_app", "problem_response"]
 
@@ -69,11 +73,20 @@ _BODY_LIMITS = [
     ("POST", re.compile(r"/v1/vms/[^/]+/exec"), _MAX_EXEC_BODY),
 ]
 _MAX_EVENT_ID = 2**62
+_MAX_TAIL = 1_000_000
 _EVENT_ID = re.compile(r"[0-9]{1,19}")
 VmDoc = dict[str, Any]
 Wait = Annotated[float | None, Query(gt=0, le=86400, description="seconds to wait")]
 Follow = Annotated[bool, Query(description="keep the stream open for new events")]
+_FOR = "what to wait for: state=STATE or condition=CONDITION[=false]"
+Until = Annotated[str | None, Query(alias="for", max_length=64, description=_FOR)]
+WaitTimeout = Annotated[float, Query(gt=0, le=86400, description="seconds to wait")]
 After = Annotated[int, Query(ge=0, le=_MAX_EVENT_ID, description="events after this id")]
+LogSourceQuery = Annotated[
+    Literal["console", "qemu"],
+    Query(description="console: what the guest printed on its serial console; qemu: its stderr"),
+]
+Tail = Annotated[int | None, Query(ge=0, le=_MAX_TAIL, description="only the last N lines")]
 
 
 def problem_response(
@@ -83,12 +96,14 @@ def problem_response(
     type_: str = "about:blank",
     issues: tuple[FieldIssue, ...] | list[FieldIssue] = (),
     headers: dict[str, str] | None = None,
+    extra: dict[str, Any] | None = None,
 ) -> JSONResponse:
     body: dict[str, Any] = {
         "type": type_,
         "title": _TITLES.get(status, "Error"),
         "status": status,
         "detail": detail,
+        **(extra or {}),
     }
     if issues:
         body["errors"] = [{"loc": i.loc, "reason": i.reason} for i in issues]
@@ -190,9 +205,12 @@ def create_app(manager: Manager) -> FastAPI:
 
     @app.exception_handler(CorralError)
     async def corral_error(_: Request, exc: CorralError) -> JSONResponse:
+        retry = {"Retry-After": str(exc.retry_after)} if exc.retry_after is not None else None
+        extra = {"reason": exc.reason} if isinstance(exc, StoreUnavailable) else None
         return problem_response(
-            exc.status, exc.message, type_=exc.problem_type, issues=list(exc.issues)
-        )
+            exc.status, exc.message, type_=exc.problem_type, issues=list(exc.issues),
+            headers=retry, extra=extra,
+        )  # fmt: skip
 
     @app.exception_handler(_ProblemError)
     async def problem_error(_: Request, exc: _ProblemError) -> JSONResponse:
@@ -222,9 +240,17 @@ def create_app(manager: Manager) -> FastAPI:
 
     @app.get("/readyz", tags=["probes"], responses={503: {"description": "not ready"}})
     async def readyz() -> Response:
-        if manager.state is ManagerState.OPEN:
-            return JSONResponse({"status": "ready"})
-        return problem_response(503, f"manager is {manager.state.value}")
+        """Ready: open, and able to write its store (the reason, when it cannot)."""
+        if manager.state is not ManagerState.OPEN:
+            return problem_response(503, f"manager is {manager.state.value}")
+        unavailable = manager.store_unavailable
+        if unavailable is not None:
+            return problem_response(
+                503, f"the daemon cannot write its own records: {unavailable.message}",
+                type_=unavailable.problem_type, extra={"reason": unavailable.reason},
+                headers={"Retry-After": str(unavailable.retry_after)},
+            )  # fmt: skip
+        return JSONResponse({"status": "ready"})
 
     @app.get("/v1/host", tags=["host"])
     async def host() -> dict[str, Any]:
@@ -317,10 +343,31 @@ def create_app(manager: Manager) -> FastAPI:
             "retainedDisks": retained.id if retained is not None else None,
         }
 
+    def _until(until: str | None, wait: float | None) -> WaitTarget | None:
+        """``?for=`` of start/restart, checked before anything is done."""
+        if until is None:
+            return None
+        if wait is None:
+            raise SpecError("invalid wait", [FieldIssue("for", "needs wait=SECONDS")])
+        return WaitTarget.parse(until)
+
     @app.post("/v1/vms/{name}/start", tags=["lifecycle"])
-    async def start_vm(name: str, wait: Wait = None) -> VmDoc:
-        await manager.start(name, wait=wait)
+    async def start_vm(name: str, wait: Wait = None, until: Until = None) -> VmDoc:
+        """``?wait=SECONDS`` waits until Running, or until ``for`` holds
+        (``for=condition=Booted``)."""
+        target = _until(until, wait)
+        await manager.start(name, wait=None if target else wait)
+        if target is not None and wait is not None:
+            return _vm(await manager.wait(name, target, wait))
         return _vm(manager.get(name))
+
+    @app.get("/v1/vms/{name}/wait", tags=["lifecycle"])
+    async def wait_vm(name: str, until: Until, timeout: WaitTimeout = 30) -> VmDoc:
+        """The VM once ``for`` holds (``kubectl wait``): event-driven, answered as soon as the
+        status that meets it is written; 504 saying where the VM is after ``timeout``."""
+        if until is None:
+            raise SpecError("invalid wait", [FieldIssue("for", "is required")])
+        return _vm(await manager.wait(name, WaitTarget.parse(until), timeout))
 
     @app.post("/v1/vms/{name}/stop", tags=["lifecycle"])
     async def stop_vm(name: str, wait: Wait = None) -> VmDoc:
@@ -328,8 +375,11 @@ def create_app(manager: Manager) -> FastAPI:
         return _vm(manager.get(name))
 
     @app.post("/v1/vms/{name}/restart", tags=["lifecycle"])
-    async def restart_vm(name: str, wait: Wait = None) -> VmDoc:
-        await manager.restart(name, wait=wait)
+    async def restart_vm(name: str, wait: Wait = None, until: Until = None) -> VmDoc:
+        target = _until(until, wait)
+        await manager.restart(name, wait=None if target else wait)
+        if target is not None and wait is not None:
+            return _vm(await manager.wait(name, target, wait))
         return _vm(manager.get(name))
 
     @app.post("/v1/vms/{name}/reset", tags=["lifecycle"])
@@ -380,6 +430,40 @@ def create_app(manager: Manager) -> FastAPI:
                                       reason=exc.message[:120])  # fmt: skip
             return
         await proxy_console(websocket, path)
+
+    @app.get(
+        "/v1/vms/{name}/logs",
+        tags=["guest"],
+        response_class=StreamingResponse,
+        responses={200: {"content": {"text/plain": {}, "application/octet-stream": {}}}},
+    )
+    async def vm_logs(
+        name: str,
+        source: LogSourceQuery = "console",
+        tail: Tail = None,
+        follow: Follow = False,
+        raw: Annotated[bool, Query(description="the bytes as written, not printable")] = False,
+    ) -> StreamingResponse:
+        """A VM's log: text with every control character but newline and tab shown, not
+        obeyed (``^[`` for ESC), so no guest drives a reader's terminal; ``raw=true``: the
+        bytes as written. 404 for an unknown VM, 409 for one without such a log yet."""
+        chunks = manager.logs(name, source, tail=tail, follow=follow)
+
+        async def body() -> AsyncIterator[bytes]:
+            decoder = None if raw else PrintableDecoder()
+            async with contextlib.aclosing(chunks):
+                async for chunk in chunks:
+                    text = chunk if decoder is None else decoder.feed(chunk).encode()
+                    if text:
+                        yield text
+            if decoder is not None and (rest := decoder.feed(b"", final=True)):
+                yield rest.encode()
+
+        return StreamingResponse(
+            body(),
+            media_type="application/octet-stream" if raw else "text/plain; charset=utf-8",
+            headers={"Cache-Control": "no-cache", "X-Content-Type-Options": "nosniff"},
+        )
 
     # --- events ----------------------------------------------------------------------------
 

@@ -147,9 +147,12 @@ powerdown timeout (the VMs are not affected: a stop in flight resumes in the nex
 
 
 def _server(app: ASGIApp, **config: Any) -> _Server:
+    """uvicorn with no logging set-up of its own: its ``uvicorn.error`` and ``uvicorn.access``
+    records go to whatever handler the process has (``corral serve``: the daemon's log, in its
+    format, secrets redacted; none configured: warnings only, and no access lines)."""
     cfg = uvicorn.Config(
-        app, log_level="warning", access_log=False, lifespan="off", ws="websockets-sansio",
-        timeout_graceful_shutdown=_GRACE_SECONDS, **config,
+        app, log_config=None, log_level=None, access_log=True, lifespan="off",
+        ws="websockets-sansio", timeout_graceful_shutdown=_GRACE_SECONDS, **config,
     )  # fmt: skip
     return _Server(cfg)
 

@@ -6,9 +6,11 @@ its name; ``corral create -f vm.yaml --adopt-disks ID`` gives it to a new VM.
 
 from __future__ import annotations
 
+from typing import Any
+
 import click
 
-from corral.cli.output import OUTPUT, age, emit, format_bytes, table
+from corral.cli.output import OUTPUT, Column, age, format_bytes, show_items
 from corral.cli.vms import client
 
 __all__ = ["disk"]
@@ -23,18 +25,21 @@ def disk() -> None:
 @OUTPUT
 @click.pass_context
 def list_(ctx: click.Context, output: str) -> None:
-    """Retained disk sets: the VM that left each, its disks, size on disk, age."""
-    sets = client(ctx).list_disks()
-    if output != "table":
-        emit({"items": sets}, output)
-        return
-    table(
-        ["ID", "VM", "UUID", "DISKS", "ON DISK", "DELETED"],
-        [[s["id"], s["vm"], s.get("uuid") or "-",
-          ", ".join(f"{d['name']} ({format_bytes(d['virtualSize'])})"
-                    for d in s.get("disks") or []) or "-",
-          format_bytes(s.get("bytes")), age(s.get("deletedAt"))] for s in sets],
-    )  # fmt: skip
+    """Retained disk sets: the VM that left each, its disks, size on disk, age (-o wide: the
+    path; -o name: the IDs)."""
+    show_items(client(ctx).list_disks(), output, columns=_COLUMNS, name=lambda s: s["id"])
+
+
+_COLUMNS: list[Column[dict[str, Any]]] = [
+    Column("ID", lambda s: s["id"]),
+    Column("VM", lambda s: s["vm"]),
+    Column("UUID", lambda s: s.get("uuid")),
+    Column("DISKS", lambda s: ",".join(f"{d['name']}:{format_bytes(d['virtualSize'])}"
+                                       for d in s.get("disks") or [])),
+    Column("ON DISK", lambda s: format_bytes(s.get("bytes"))),
+    Column("DELETED", lambda s: age(s.get("deletedAt"))),
+    Column("PATH", lambda s: s.get("path"), wide=True),
+]  # fmt: skip
 
 
 @disk.command("delete")

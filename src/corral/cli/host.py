@@ -2,9 +2,9 @@
 
 from __future__ import annotations
 
-import json
-
 import click
+
+from corral.cli.output import OUTPUT, details, show_object
 
 
 @click.group()
@@ -13,7 +13,8 @@ def host() -> None:
 
 
 @host.command("info")
-@click.option("--json", "as_json", is_flag=True, help="Machine-readable output.")
+@click.option("--json", "as_json", is_flag=True, hidden=True, help="Same as -o json.")
+@OUTPUT
 @click.option("--emulator", default="qemu-system-x86_64", show_default=True)
 @click.option(
     "--policy",
@@ -22,34 +23,39 @@ def host() -> None:
     type=click.Path(dir_okay=False),
     help="Host policy file to show (default /etc/corral/host.yaml if present).",
 )
-def info(as_json: bool, emulator: str, policy_file: str | None) -> None:
-    """qemu version, whether KVM really works (probed), machines, OVMF, swtpm, tools."""
+def info(as_json: bool, output: str, emulator: str, policy_file: str | None) -> None:
+    """qemu version, whether KVM really works (probed), machines, OVMF, swtpm, tools
+    (-o wide: every machine type and the OVMF vars files; -o name: the host's name)."""
+    import socket
+
     from corral.qemu.fingerprint import host_info
     from corral.spec import load_policy
 
     facts = host_info(emulator)
     policy = load_policy(policy_file)
-    if as_json:
-        data = facts.to_dict()
-        data["policy"] = policy.model_dump(mode="json", by_alias=True)
-        click.echo(json.dumps(data, indent=2))
-        return
-    click.echo(f"qemu:               {facts.emulator} {facts.qemu_version}")
-    kvm = "yes" if facts.kvm_usable else "no"
-    click.echo(f"kvm usable:         {kvm} ({facts.kvm_reason})")
-    click.echo(f"accelerators:       {', '.join(facts.accelerators)}")
-    named = [m for m in facts.machines if m in ("q35", "pc", "microvm")]
-    others = len(facts.machines) - len(named)
-    click.echo(f"machines:           {', '.join(named)} (+{others} versioned)")
-    for kind, files in facts.firmware.items():
-        click.echo(f"{'ovmf ' + kind + ':':<20}{files['code'] if files else 'not found'}")
-    swtpm = facts.swtpm or "not found (apt-get install swtpm swtpm-tools)"
-    click.echo(f"swtpm:              {swtpm}")
-    for tool, path in facts.tools.items():
-        click.echo(f"{tool + ':':<20}{path or 'not found'}")
-    click.echo(f"tsc kHz:            {facts.tsc_khz}")
-    paths = policy.image_paths if policy.image_paths is not None else "any"
-    click.echo(f"policy:             imagePaths={paths} argsAllowlist={policy.args_allowlist}")
+    data = facts.to_dict()
+    data["policy"] = policy.model_dump(mode="json", by_alias=True)
+
+    def text(wide: bool) -> list[str]:
+        named = [m for m in facts.machines if m in ("q35", "pc", "microvm")]
+        others = len(facts.machines) - len(named)
+        machines = ", ".join(facts.machines if wide else named)
+        paths = policy.image_paths if policy.image_paths is not None else "any"
+        return details([
+            ("qemu", f"{facts.emulator} {facts.qemu_version}"),
+            ("kvm usable", f"{'yes' if facts.kvm_usable else 'no'} ({facts.kvm_reason})"),
+            ("accelerators", ", ".join(facts.accelerators)),
+            ("machines", machines if wide else f"{machines} (+{others} versioned)"),
+            *((f"ovmf {kind}", (f"{files['code']} (vars {files['vars']})" if wide
+                                else files["code"]) if files else "not found")
+              for kind, files in facts.firmware.items()),
+            ("swtpm", facts.swtpm or "not found (apt-get install swtpm swtpm-tools)"),
+            *((tool, path or "not found") for tool, path in facts.tools.items()),
+            ("tsc kHz", facts.tsc_khz),
+            ("policy", f"imagePaths={paths} argsAllowlist={policy.args_allowlist}"),
+        ])  # fmt: skip
+
+    show_object(data, "json" if as_json else output, name=socket.gethostname(), text=text)
 
 
 @host.command("shutdown")
@@ -57,7 +63,8 @@ def info(as_json: bool, emulator: str, policy_file: str | None) -> None:
               help="Act on this state dir directly (no daemon may be running).")  # fmt: skip
 @click.option("--config", "config_file", default=None, type=click.Path(dir_okay=False))
 @click.option("--timeout", type=float, default=None, help="Override every VM's powerdownTimeout.")
-@click.option("--json", "as_json", is_flag=True, help="Machine-readable output.")
+@click.option("--json", "as_json", is_flag=True, hidden=True, help="Same as -o json.")
+@OUTPUT
 @click.pass_context
 def shutdown(
     ctx: click.Context,
@@ -65,6 +72,7 @@ def shutdown(
     config_file: str | None,
     timeout: float | None,
     as_json: bool,
+    output: str,
 ) -> None:
     """Stop every VM gracefully, in parallel; report which needed force (libvirt-guests).
 
@@ -85,11 +93,9 @@ def shutdown(
         from corral.cli.vms import client
 
         result = client(ctx).host_shutdown(timeout)
-    if as_json:
-        click.echo(json.dumps(result, indent=2, sort_keys=True))
-        return
     forced = sorted(n for n, how in result.items() if how in ("quit", "kill"))
-    for name, how in sorted(result.items()):
-        click.echo(f"{name:<32} {how}")
     tail = f": {', '.join(forced)}" if forced else ""
-    click.echo(f"{len(result)} VM(s) stopped, {len(forced)} needed force{tail}")
+    lines = [*(f"{name:<32} {how}" for name, how in sorted(result.items())),
+             f"{len(result)} VM(s) stopped, {len(forced)} needed force{tail}"]  # fmt: skip
+    show_object(dict(sorted(result.items())), "json" if as_json else output,
+                name=sorted(result), text=lambda wide: lines)  # fmt: skip

@@ -8,7 +8,7 @@ from typing import TYPE_CHECKING, Any
 
 import click
 
-from corral.cli.output import OUTPUT, emit, format_bytes, table
+from corral.cli.output import OUTPUT, Column, format_bytes, show_items
 from corral.cli.vms import client
 
 if TYPE_CHECKING:
@@ -122,16 +122,22 @@ def _with_progress(ctx: click.Context, name: str, worker: threading.Thread) -> N
 @OUTPUT
 @click.pass_context
 def list_(ctx: click.Context, output: str) -> None:
-    """Images with their format, sizes and the VMs that overlay them."""
-    images = client(ctx).list_images()
-    if output != "table":
-        emit({"items": images}, output)
-        return
-    table(
-        ["NAME", "FORMAT", "VIRTUAL", "ON DISK", "USED BY", "SOURCE"],
-        [[i["name"], i["format"], format_bytes(i["virtualSize"]), format_bytes(i["actualSize"]),
-          ", ".join(i.get("users") or []) or "-", i.get("source")] for i in images],
-    )  # fmt: skip
+    """Images with their format, sizes and the VMs that overlay them (-o wide: sha256,
+    created, path)."""
+    show_items(client(ctx).list_images(), output, columns=_COLUMNS, name=lambda i: i["name"])
+
+
+_COLUMNS: list[Column[dict[str, Any]]] = [
+    Column("NAME", lambda i: i["name"]),
+    Column("FORMAT", lambda i: i["format"]),
+    Column("VIRTUAL", lambda i: format_bytes(i["virtualSize"])),
+    Column("ON DISK", lambda i: format_bytes(i["actualSize"])),
+    Column("USED BY", lambda i: ",".join(i.get("users") or [])),
+    Column("SOURCE", lambda i: i.get("source")),
+    Column("SHA256", lambda i: i.get("sha256"), wide=True),
+    Column("CREATED", lambda i: i.get("created"), wide=True),
+    Column("PATH", lambda i: i.get("path"), wide=True),
+]
 
 
 @image.command("delete")

@@ -17,15 +17,17 @@ from corral import __version__
 class _Group(click.Group):
     def invoke(self, ctx: click.Context) -> Any:
         from corral.errors import CorralError
+        from corral.printable import printable
 
         try:
             return super().invoke(ctx)
         except CorralError as exc:
             if ctx.params.get("debug") or os.environ.get("CORRAL_DEBUG") == "1":
                 raise
-            click.echo(f"error: {exc.message}", err=True)
+            # an error may quote qemu, a guest or a document: shown, never obeyed
+            click.echo(f"error: {printable(exc.message)}", err=True)
             for issue in exc.issues:
-                click.echo(f"  {issue}", err=True)
+                click.echo(f"  {printable(str(issue))}", err=True)
             ctx.exit(1)
 
 
@@ -49,7 +51,7 @@ def cli(
 
 
 def _register() -> None:
-    from corral.cli import disks, host, images, render, run, serve, vms
+    from corral.cli import disks, host, images, logs, render, run, serve, vms
 
     cli.add_command(render.render)
     cli.add_command(render.validate)
@@ -60,6 +62,7 @@ def _register() -> None:
     cli.add_command(serve.token)
     cli.add_command(images.image)
     cli.add_command(disks.disk)
+    cli.add_command(logs.logs)
     vms.register(cli)
 
 

@@ -6,6 +6,8 @@ import json
 
 import click
 
+from corral.cli.output import OUTPUT, show_object
+
 _ACCELS = click.Choice(["auto", "kvm", "tcg"])
 
 
@@ -18,7 +20,8 @@ _ACCELS = click.Choice(["auto", "kvm", "tcg"])
     type=click.Path(dir_okay=False),
     help="The VM document (YAML).",
 )
-@click.option("--json", "as_json", is_flag=True, help="Print the argv as a JSON list.")
+@click.option("--json", "as_json", is_flag=True, hidden=True, help="Same as -o json.")
+@OUTPUT
 @click.option(
     "--accel",
     type=_ACCELS,
@@ -50,8 +53,10 @@ def render(
     runtime_dir: str | None,
     policy_file: str | None,
     standalone: bool,
+    output: str,
 ) -> None:
-    """Print the qemu argv for a VM document, one argument per line, without starting it.
+    """Print the qemu argv for a VM document, one argument per line, without starting it
+    (-o json|yaml: a list; -o name: the VM's name).
 
     Like `virsh domxml-to-native`. The host policy is checked first.
     """
@@ -73,11 +78,7 @@ def render(
         paused=not standalone,
         no_shutdown=not standalone,
     )
-    if as_json:
-        click.echo(json.dumps(argv, indent=2))
-    else:
-        for arg in argv:
-            click.echo(arg)
+    show_object(argv, "json" if as_json else output, name=doc.name, text=lambda wide: argv)
 
 
 @click.command()

@@ -6,6 +6,7 @@ from __future__ import annotations
 
 import asyncio
 import sys
+from collections.abc import Callable
 from pathlib import Path
 
 import click
@@ -80,6 +81,21 @@ def manager_config(state_dir: str, config: str | None, **overrides: object) -> o
     help="Serve TCP even though the host policy sets no imagePaths (every token holder may "
     "then give VMs any host file: root-equivalent, like libvirt's socket).",
 )
+@click.option(
+    "--log-format",
+    type=click.Choice(["auto", "json", "text"]),
+    default="auto",
+    show_default=True,
+    help="json: one object per line (time, level, logger, message, fields); text: for people; "
+    "auto: text on a terminal, else json.",
+)
+@click.option(
+    "--log-level",
+    type=click.Choice(["debug", "info", "warning", "error"]),
+    default="info",
+    show_default=True,
+    help="Least level logged (corral's and the API server's loggers).",
+)
 def serve(
     state_dir: str,
     config_file: str | None,
@@ -96,8 +112,13 @@ def serve(
     tls_cert: str | None,
     tls_key: str | None,
     open_policy: bool,
+    log_format: str,
+    log_level: str,
 ) -> None:
-    """Run the manager: keep every VM in its desired state; SIGTERM leaves VMs running."""
+    """Run the manager: keep every VM in its desired state; SIGTERM leaves VMs running.
+
+    Under systemd (Type=notify) it reports READY=1 once the API listens; deploy/corral.service.
+    """
     from corral.api import ApiOptions, api_service
     from corral.client import default_socket
     from corral.manager import ManagerConfig
@@ -126,7 +147,28 @@ def serve(
         tls_key=Path(tls_key) if tls_key else None,
     )
     service = api_service(options)  # checks the options before anything starts
-    sys.exit(asyncio.run(run_daemon(cfg, services=[service])))
+    sys.exit(_run_logged(lambda: asyncio.run(run_daemon(cfg, services=[service])),
+                         log_format, log_level))  # fmt: skip
+
+
+def _run_logged(run: Callable[[], int], log_format: str, log_level: str) -> int:
+    """``run`` with the daemon's log set up; what ends it early is logged in that format too
+    (a JSON log stays JSON lines to its last line), with exit code 1."""
+    import logging
+
+    from corral.errors import CorralError
+    from corral.manager.daemonlog import configure_logging
+
+    configure_logging("json" if log_format == "json" else "text" if log_format == "text"
+                      else "auto", log_level)  # fmt: skip
+    log = logging.getLogger("corral.daemon")
+    try:
+        return run()
+    except CorralError as exc:
+        log.error(exc.message, extra={"fields": {"issues": [str(i) for i in exc.issues]}})
+    except Exception:
+        log.critical("the daemon failed", exc_info=True)
+    return 1
 
 
 @click.group()

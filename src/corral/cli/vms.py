@@ -4,13 +4,25 @@ command names as aliases. Each talks to the daemon through :class:`corral.client
 
 from __future__ import annotations
 
+import re
 import sys
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
 import click
 
-from corral.cli.output import OUTPUT, emit, table, vm_row
+from corral.cli.completion import vm_names
+from corral.cli.output import (
+    OUTPUT,
+    VM_COLUMNS,
+    Column,
+    details,
+    show_items,
+    show_object,
+    show_stream,
+    vm_name,
+    vm_row,
+)
 
 if TYPE_CHECKING:
     from corral.client import Client
@@ -121,24 +133,23 @@ def _one_if_adopting(docs: list[dict[str, Any]], adopt: str | None) -> list[dict
 @OUTPUT
 @click.pass_context
 def list_(ctx: click.Context, state: str | None, label: str | None, output: str) -> None:
-    """List VMs: state, CPUs, RAM, IPs, uptime."""
+    """List VMs: state, CPUs, RAM, IPs, uptime (-o wide: pid, accelerator, restarts, age,
+    labels; -o name: the names)."""
     vms = client(ctx).list_vms(state=state, label=label)
-    if output != "table":
-        emit({"items": vms}, output)
-        return
-    table(["NAME", "STATE", "CPUS", "RAM", "IPS", "UPTIME"], [vm_row(v) for v in vms])
+    show_items(vms, output, columns=VM_COLUMNS, name=vm_name)
 
 
 @click.command()
-@click.argument("name")
+@click.argument("name", shell_complete=vm_names)
 @OUTPUT
 @click.pass_context
 def show(ctx: click.Context, name: str, output: str) -> None:
     """One VM: its document and status (-o json|yaml for the whole document)."""
     vm = client(ctx).get_vm(name)
-    if output != "table":
-        emit(vm, output)
-        return
+    show_object(vm, output, name=vm_name(vm), text=lambda wide: details(_details(vm, wide)))
+
+
+def _details(vm: dict[str, Any], wide: bool) -> list[tuple[str, object]]:
     status = vm.get("status") or {}
     row = vm_row(vm)
     conditions = status.get("conditions") or {}
@@ -155,9 +166,46 @@ def show(ctx: click.Context, name: str, output: str) -> None:
         ("Generation", f"{vm['metadata'].get('generation')} (observed "
                        f"{status.get('observedGeneration')})"),
         ("Last error", status.get("lastError") or status.get("configError") or "-"),
+        *_crash(status),
+        *_not_booted(conditions),
     ]  # fmt: skip
-    for key, value in lines:
-        click.echo(f"{key + ':':<17}{value}")
+    if wide:
+        meta = vm.get("metadata") or {}
+        lines += [
+            ("UID", meta.get("uid")), ("Created", meta.get("creationTimestamp")),
+            ("Labels", ", ".join(f"{k}={v}" for k, v in (meta.get("labels") or {}).items())),
+            ("Restarts", status.get("restarts")), ("Stopped by", status.get("stoppedBy")),
+            ("swtpm pid", status.get("swtpmPid")), ("Updated", status.get("updatedAt")),
+        ]  # fmt: skip
+    return lines
+
+
+def _not_booted(conditions: dict[str, Any]) -> list[tuple[str, object]]:
+    """A guest that showed no sign of booting in its bootTimeout: why, in its console's words."""
+    booted = conditions.get("Booted") or {}
+    if booted.get("status") or booted.get("reason") != "BootTimeout":
+        return []
+    return [("Not booted", booted.get("message") or "BootTimeout")]
+
+
+def _crash(status: dict[str, Any]) -> list[tuple[str, object]]:
+    """A Crashed VM: how qemu ended and its last stderr lines (unless the error says them)."""
+    exit_info = status.get("exit")
+    if status.get("state") != "Crashed" or not isinstance(exit_info, dict):
+        return []
+    if exit_info.get("code") is not None:
+        how = f"code {exit_info['code']}"
+    elif exit_info.get("signal") is not None:
+        how = f"signal {exit_info['signal']}"
+    elif exit_info.get("error"):
+        how = "failed to start"
+    else:
+        how = "unknown (qemu was not the runner's child)"
+    shown: list[tuple[str, object]] = [("Exit", how)]
+    said = exit_info.get("stderr")
+    if said and str(said) not in str(status.get("lastError") or ""):
+        shown.append(("qemu stderr", said))
+    return shown
 
 
 def _displays(vm: dict[str, Any]) -> str:
@@ -177,30 +225,129 @@ def _forwards(vm: dict[str, Any]) -> str:
     return ", ".join(shown) or "-"
 
 
+_WAIT_FOR = {"running": None, "booted": "condition=Booted"}  # start/restart --wait=...
+_WAIT_UNTIL = click.option(
+    "--wait", type=click.Choice(list(_WAIT_FOR), case_sensitive=False), default=None,
+    metavar="[=running|booted]",
+    help="Wait until the VM is Running (--wait), or has booted (--wait=booted: its guest agent "
+         "answered, or its boot marker showed); a phase spinner on a terminal.",
+)  # fmt: skip
+
+
+class _OptionalWait(click.Command):
+    """``--wait`` with an optional value (``--wait=booted``); a bare ``--wait``, before a VM
+    name too (``start --wait web1``, as before the value existed), means ``--wait=running``."""
+
+    def parse_args(self, ctx: click.Context, args: list[str]) -> list[str]:
+        fixed: list[str] = []
+        for i, arg in enumerate(args):
+            if arg == "--":
+                fixed.extend(args[i:])
+                break
+            bare = arg == "--wait" and (i + 1 == len(args) or args[i + 1].lower() not in _WAIT_FOR)
+            fixed.append("--wait=running" if bare else arg)
+        return super().parse_args(ctx, fixed)
+
+
 def _lifecycle(verb: str, target: str | None, doc: str) -> click.Command:
-    @click.command(verb, help=doc)
-    @click.argument("names", nargs=-1, required=True)
-    @_WAIT
+    """``verb`` for every VM named, at once, carrying on past one VM's error (each reported;
+    exit 1 if any failed). With ``--wait`` (when ``target`` says there is something to wait
+    for) each VM is waited for in parallel, with a live display on a terminal."""
+    booting = verb in ("start", "restart")
+
+    @click.command(verb, help=doc, cls=_OptionalWait if booting else click.Command)
+    @click.argument("names", nargs=-1, required=True, shell_complete=vm_names)
+    @(_WAIT_UNTIL if booting else _WAIT)
     @_TIMEOUT
     @click.pass_context
-    def command(ctx: click.Context, names: tuple[str, ...], wait: bool, timeout: float) -> None:
+    def command(
+        ctx: click.Context, names: tuple[str, ...], wait: str | bool | None, timeout: float
+    ) -> None:
+        from corral.cli.progress import Progress, run_each
+
         c = client(ctx)
-        for name in names:
-            c.action(name, verb, wait=timeout if wait and target else None)
-            click.echo(f"vm/{name} {verb}" + (f" ({target})" if wait and target else ""))
+        waits = bool(wait) and target is not None
+        until = _WAIT_FOR[str(wait).lower()] if booting and waits else None
+        shown = "Booted" if until else target
+
+        def one(name: str) -> dict[str, Any]:
+            return c.action(name, verb, wait=timeout if waits else None, until=until)
+
+        def done(name: str, vm: dict[str, Any]) -> str:
+            return _lifecycle_line(verb, name, vm, shown if waits else None)
+
+        with Progress(c, names, enabled=waits) as progress:
+            failed = run_each(names, one, done, progress)
+        if failed:
+            ctx.exit(1)
 
     return command
 
 
+def _lifecycle_line(verb: str, name: str, vm: dict[str, Any], waited: str | None) -> str:
+    """``vm/web1 start``; waited for: ``vm/web1 start (Running)``, ``vm/web1 stop (Stopped,
+    by powerdown)``."""
+    if waited is None:
+        return f"vm/{name} {verb}"
+    status = vm.get("status") or {}
+    if verb == "stop":
+        by = status.get("stoppedBy")
+        return f"vm/{name} {verb} ({status.get('state')}" + (f", by {by})" if by else ")")
+    return f"vm/{name} {verb} ({waited})"
+
+
 start = _lifecycle("start", "Running", "Start VMs (desired state Running).")
-stop = _lifecycle("stop", "Stopped", "Stop VMs gracefully: ACPI powerdown, timeout, quit, kill.")
+stop = _lifecycle(
+    "stop", "Stopped",
+    "Stop VMs gracefully, all at once: ACPI powerdown (pressed again every 10 s), "
+    "powerdownTimeout, quit, kill. With --wait, a countdown on a terminal.",
+)  # fmt: skip
 restart = _lifecycle("restart", "Running", "Stop gracefully and start again.")
 reset = _lifecycle("reset", None, "Hard-reset VMs (the guest reboots at once).")
 kill = _lifecycle("kill", None, "Kill qemu now (SIGKILL); the VM stays Stopped.")
 
 
+_FOR = re.compile(r"(?i)(state=[a-z]+|condition=[a-z]+(=(true|false))?)")
+
+
+def _check_for(_: click.Context, __: click.Parameter, value: str) -> str:
+    if not _FOR.fullmatch(value):
+        raise click.BadParameter(
+            f"{value!r}: give state=STATE (Running, Stopped, ...) or condition=NAME[=false] "
+            "(Booted, AgentConnected, ...)"
+        )
+    return value
+
+
+@click.command("wait")
+@click.argument("names", nargs=-1, required=True, shell_complete=vm_names)
+@click.option("--for", "until", required=True, callback=_check_for, metavar="WHAT",
+              help="state=STATE (Running, Stopped, ...) or condition=NAME[=false] (Booted, "
+                   "AgentConnected, DisplayConnected, ...).")  # fmt: skip
+@click.option("--timeout", type=click.FloatRange(0, 86400, min_open=True), default=300.0,
+              show_default=True, help="Seconds to wait.")  # fmt: skip
+@click.pass_context
+def wait_(ctx: click.Context, names: tuple[str, ...], until: str, timeout: float) -> None:
+    """Wait until VMs reach a state or condition (like kubectl wait), all at once; exit 1 if
+    one does not in time (the error says where it is). A phase spinner on a terminal.
+
+    corral wait web1 --for=condition=Booted --timeout 120
+    """
+    from corral.cli.progress import Progress, run_each
+
+    c = client(ctx)
+
+    def one(name: str) -> dict[str, Any]:
+        return c.wait(name, until, timeout=timeout)
+
+    with Progress(c, names) as progress:
+        failed = run_each(names, one, lambda name, _: f"vm/{name} {until} met", progress)
+    if failed:
+        ctx.exit(1)
+
+
 @click.command()
-@click.argument("names", nargs=-1, required=True)
+@click.argument("names", nargs=-1, required=True, shell_complete=vm_names)
 @click.option("--delete-disks", is_flag=True, help="Also delete the VM's disks (overlays).")
 @click.option(
     "--force", is_flag=True,
@@ -218,7 +365,7 @@ def delete(ctx: click.Context, names: tuple[str, ...], delete_disks: bool, force
 
 
 @click.command("set")
-@click.argument("name")
+@click.argument("name", shell_complete=vm_names)
 @click.option("--cpus", type=click.IntRange(1, 1024), default=None, help="currentCpus (live).")
 @click.option("--ram", default=None, help="currentRam, e.g. 2Gi (live, balloon).")
 @click.option("--powerdown-timeout", type=click.IntRange(0, 86400), default=None)
@@ -266,7 +413,7 @@ def _set_media(ctx: click.Context, name: str, image: str, drive: str | None) -> 
 
 
 @cd.command("insert")
-@click.argument("name")
+@click.argument("name", shell_complete=vm_names)
 @click.argument("image")
 @click.option("--drive", default=None, help="The CD drive's disk name (default: the first).")
 @click.pass_context
@@ -278,7 +425,7 @@ def cd_insert(ctx: click.Context, name: str, image: str, drive: str | None) -> N
 
 
 @cd.command("eject")
-@click.argument("name")
+@click.argument("name", shell_complete=vm_names)
 @click.option("--drive", default=None)
 @click.pass_context
 def cd_eject(ctx: click.Context, name: str, drive: str | None) -> None:
@@ -288,7 +435,7 @@ def cd_eject(ctx: click.Context, name: str, drive: str | None) -> None:
 
 
 @click.command("exec", context_settings={"ignore_unknown_options": True})
-@click.argument("name")
+@click.argument("name", shell_complete=vm_names)
 @click.argument("command", nargs=-1, required=True, type=click.UNPROCESSED)
 @click.option("--timeout", type=float, default=60.0, show_default=True)
 @click.option("-i", "--stdin", "send_stdin", is_flag=True, help="Send this process's stdin.")
@@ -309,36 +456,44 @@ def exec_(
 
 
 @click.command()
-@click.argument("name")
+@click.argument("name", shell_complete=vm_names)
+@OUTPUT
 @click.pass_context
-def ip(ctx: click.Context, name: str) -> None:
-    """The guest's IP addresses (from the guest agent)."""
-    for address in (client(ctx).get_vm(name).get("status") or {}).get("ips") or []:
-        click.echo(address)
+def ip(ctx: click.Context, name: str, output: str) -> None:
+    """The guest's IP addresses (from the guest agent), one per line."""
+    ips = list((client(ctx).get_vm(name).get("status") or {}).get("ips") or [])
+    show_object({"name": name, "ips": ips}, output, name=ips, text=lambda wide: ips)
 
 
 @click.command()
-@click.argument("name", required=False)
+@click.argument("name", required=False, shell_complete=vm_names)
 @click.option("-f", "--follow", is_flag=True, help="Keep printing new events.")
 @OUTPUT
 @click.pass_context
 def events(ctx: click.Context, name: str | None, follow: bool, output: str) -> None:
-    """Events of one VM, or of all VMs and images."""
+    """Events of one VM, or of all VMs and images (-o json: one JSON object per line)."""
+    show_stream(client(ctx).events(name, follow=follow), output, columns=_EVENT_COLUMNS,
+                name=lambda e: e.get("event"))  # fmt: skip
+
+
+def _event_detail(event: dict[str, Any]) -> str:
     import json
 
-    for event in client(ctx).events(name, follow=follow):
-        if output == "table":
-            extra = {k: v for k, v in event.items() if k not in ("id", "vm", "time", "event",
-                                                                "ts", "t")}  # fmt: skip
-            detail = " ".join(f"{k}={json.dumps(v, default=str)}" for k, v in extra.items())
-            click.echo(f"{event.get('time', '')}  {event.get('vm') or '-':<16} "
-                       f"{event.get('event', ''):<20} {detail}")  # fmt: skip
-        else:
-            click.echo(json.dumps(event, default=str))
+    extra = {k: v for k, v in event.items() if k not in ("id", "vm", "time", "event", "ts", "t")}
+    return " ".join(f"{k}={json.dumps(v, default=str)}" for k, v in extra.items())
+
+
+_EVENT_COLUMNS: list[Column[dict[str, Any]]] = [
+    Column("ID", lambda e: e.get("id"), wide=True, width=6),
+    Column("TIME", lambda e: e.get("time"), width=24),
+    Column("VM", lambda e: e.get("vm"), width=16),
+    Column("EVENT", lambda e: e.get("event"), width=22),
+    Column("DETAILS", _event_detail),
+]
 
 
 @click.command()
-@click.argument("name")
+@click.argument("name", shell_complete=vm_names)
 @click.pass_context
 def console(ctx: click.Context, name: str) -> None:
     """Attach to the VM's serial console; Ctrl-] leaves."""
@@ -348,7 +503,7 @@ def console(ctx: click.Context, name: str) -> None:
 
 
 @click.command()
-@click.argument("name")
+@click.argument("name", shell_complete=vm_names)
 @click.option("--expiry", type=click.IntRange(1, 86400), default=30, show_default=True,
               help="Seconds the password stays valid for a new connection.")  # fmt: skip
 @OUTPUT
@@ -357,18 +512,15 @@ def display(ctx: click.Context, name: str, expiry: int, output: str) -> None:
     """Set a fresh display password that expires soon; print the spice:// / vnc:// URLs
     (like virsh domdisplay --include-password). remote-viewer takes the URL."""
     got = client(ctx).display(name, expiry=expiry)
-    if output != "table":
-        emit(got, output)
-        return
-    for item in got["displays"]:
-        click.echo(item["url"])
-    click.echo(f"password: {got['password']} (valid until {got['expiresAt']})")
+    lines = [*(d["url"] for d in got["displays"]),
+             f"password: {got['password']} (valid until {got['expiresAt']})"]  # fmt: skip
+    show_object(got, output, name=[d["protocol"] for d in got["displays"]], text=lambda w: lines)
 
 
 # --- aetherscale's command names ---------------------------------------------------------
 
 
-@click.command("create-vm")
+@click.command("create-vm", hidden=True)
 @click.option("--image", required=True, help="A base image in the image store.")
 @click.option("--name", default=None, help="VM name (default: vm-<random>).")
 @click.option("--cpus", type=click.IntRange(1, 1024), default=1, show_default=True)
@@ -395,8 +547,8 @@ def create_vm(ctx: click.Context, image: str, name: str | None, cpus: int, ram: 
 
 
 def _alias(verb: str, doc: str) -> click.Command:
-    @click.command(f"{verb}-vm", help=doc)
-    @click.option("--vm-id", required=True)
+    @click.command(f"{verb}-vm", help=doc, hidden=True)
+    @click.option("--vm-id", required=True, shell_complete=vm_names)
     @click.option("--kill", "hard", is_flag=True, help="stop-vm: kill instead of powerdown.")
     @click.pass_context
     def command(ctx: click.Context, vm_id: str, hard: bool) -> None:
@@ -410,7 +562,7 @@ def _alias(verb: str, doc: str) -> click.Command:
     return command
 
 
-@click.command("list-vms")
+@click.command("list-vms", hidden=True)
 @click.pass_context
 def list_vms(ctx: click.Context) -> None:
     """aetherscale: list VMs (name and state)."""
@@ -419,8 +571,8 @@ def list_vms(ctx: click.Context) -> None:
 
 
 def register(cli: click.Group) -> None:
-    for command in (apply, create, list_, show, start, stop, restart, reset, kill, delete, set_,
-                    cd, exec_, ip, events, console, display, create_vm, list_vms,
+    for command in (apply, create, list_, show, start, stop, restart, reset, kill, wait_,
+                    delete, set_, cd, exec_, ip, events, console, display, create_vm, list_vms,
                     _alias("start", "aetherscale: start a VM."),
                     _alias("stop", "aetherscale: stop a VM (--kill: at once)."),
                     _alias("delete", "aetherscale: delete a VM and its disks.")):  # fmt: skip

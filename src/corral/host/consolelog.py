@@ -18,7 +18,9 @@ the end, so that window is one system call.
 
 :class:`LogFollower` reads what is appended to such a log, a bounded chunk at a time, and
 follows it across a rotation (what it had not read yet is in ``.1``, at the same offsets).
-Nothing here reads a whole log into memory.
+:func:`tail_spans` finds where the last lines of the log (``.1`` then the file itself) begin,
+reading backwards a chunk at a time, and :func:`read_spans` reads them back in chunks (``corral
+logs --tail``). Nothing here reads a whole log into memory.
 """
 
 from __future__ import annotations
@@ -26,6 +28,7 @@ from __future__ import annotations
 import contextlib
 import os
 import stat
+from collections.abc import Iterator
 from pathlib import Path
 
 from corral.host.atomic import temp_sibling
@@ -33,9 +36,13 @@ from corral.host.atomic import temp_sibling
 __all__ = [
     "DEFAULT_MAX_BYTES",
     "LogFollower",
+    "LogSpan",
+    "log_exists",
     "needs_rotation",
+    "read_spans",
     "rotate",
     "rotated_path",
+    "tail_spans",
 ]
 
 DEFAULT_MAX_BYTES = 2 * 1024 * 1024
@@ -140,3 +147,68 @@ class LogFollower:
         chunk = _read_at(self.path, self.offset, limit)
         self.offset += len(chunk)
         return chunk
+
+
+LogSpan = tuple[Path, int, int]
+"""Bytes ``[start, end)`` of one file."""
+
+
+def log_exists(path: Path) -> bool:
+    """Whether the log or its rotated copy is there (a VM that never ran has neither)."""
+    return any(os.path.isfile(p) for p in (path, rotated_path(path)))
+
+
+def tail_spans(path: Path, lines: int | None = None) -> tuple[list[LogSpan], int]:
+    """Where the last ``lines`` lines (``None``: all) of the log are, over ``path.1`` and
+    ``path``, and the size of ``path`` when looked at: where following it starts (a
+    :class:`LogFollower` from there). An unfinished last line counts as a line, as with
+    ``tail -n``. Reads backwards a chunk at a time: a cost of the lines' length, not the
+    log's. Blocking file I/O: call it from a thread."""
+    old = rotated_path(path)
+    files = [(old, _size(old)), (path, _size(path))]
+    end = files[1][1]
+    begin = (0, 0)  # (index in files, offset): where the wanted lines start
+    if lines is not None:
+        begin = _tail_start(files, lines)
+    spans: list[LogSpan] = []
+    for index, (file, size) in enumerate(files):
+        start = begin[1] if index == begin[0] else 0
+        if index >= begin[0] and start < size:
+            spans.append((file, start, size))
+    return spans, end
+
+
+def _tail_start(files: list[tuple[Path, int]], lines: int) -> tuple[int, int]:
+    if lines <= 0:
+        return len(files) - 1, files[-1][1]
+    found = 0
+    last_byte = True  # the log's very last byte is next: a newline there ends no new line
+    for index in range(len(files) - 1, -1, -1):
+        file, pos = files[index]
+        while pos > 0:
+            start = max(0, pos - _READ_CHUNK)
+            chunk = _read_at(file, start, pos - start)
+            if len(chunk) != pos - start:  # rotated while read: start where it is whole
+                return index, pos
+            cut = len(chunk)
+            if last_byte and chunk.endswith(b"\n"):
+                cut -= 1
+            last_byte = False
+            while (cut := chunk.rfind(b"\n", 0, cut)) >= 0:
+                found += 1
+                if found == lines:
+                    return index, start + cut + 1
+            pos = start
+    return 0, 0
+
+
+def read_spans(spans: list[LogSpan], limit: int = _READ_CHUNK) -> Iterator[bytes]:
+    """The bytes of ``spans``, at most ``limit`` at a time (less if a file shrank)."""
+    for file, start, end in spans:
+        pos = start
+        while pos < end:
+            chunk = _read_at(file, pos, min(limit, end - pos))
+            if not chunk:
+                break
+            pos += len(chunk)
+            yield chunk

@@ -32,6 +32,7 @@ __all__ = [
     "find_qemu",
     "find_tool",
     "pid_alive",
+    "process_age",
     "process_cmdline",
     "process_exe_name",
     "process_start_time",
@@ -229,6 +230,18 @@ def process_start_time(pid: int) -> int | None:
         return int(fields[19])
     except ValueError:
         return None
+
+
+def process_age(pid: int) -> float | None:
+    """Seconds since ``pid`` started (None if it is gone)."""
+    ticks = process_start_time(pid)
+    if ticks is None:
+        return None
+    try:
+        uptime = float(Path("/proc/uptime").read_text().split()[0])
+    except (OSError, ValueError, IndexError):
+        return None
+    return max(0.0, uptime - ticks / os.sysconf("SC_CLK_TCK"))
 
 
 def _arg_after(argv: list[str], flag: str) -> str | None:

@@ -9,6 +9,7 @@ from corral.manager.manager import Manager, ManagerState, json_merge_patch
 from corral.manager.retained import RetainedDisk, RetainedDisks, RetainedSet
 from corral.manager.store import Store, StoredEvent, VmRecord
 from corral.manager.systemd import SystemdBackend
+from corral.manager.waits import WaitTarget
 
 __all__ = [
     "Backend",
@@ -24,6 +25,7 @@ __all__ = [
     "StoredEvent",
     "SystemdBackend",
     "VmRecord",
+    "WaitTarget",
     "json_merge_patch",
     "load_manager_config",
 ]

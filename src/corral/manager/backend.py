@@ -27,7 +27,7 @@ from typing import Any, Protocol
 from corral.errors import CorralError, NotFound
 from corral.manager.retained import RetainedDisks, RetainedSet
 from corral.runner.changes import write_display_secret
-from corral.runner.config import RunnerPaths, resolve_paths
+from corral.runner.config import LOG_SOURCES, LogSource, RunnerPaths, resolve_paths
 from corral.runner.status import VmState
 from corral.runner.supervisor import ExecResult, VmSupervisor
 from corral.spec import HostPolicy, VmDocument
@@ -77,6 +77,9 @@ class Backend(Protocol):
 
     def console_socket(self, name: str) -> Path:
         """The serial console's unix socket of a running VM."""
+
+    def log_file(self, name: str, source: LogSource) -> Path:
+        """The VM's console or qemu log (whether it ran or not; rotated copy: ``.1``)."""
 
     async def set_display_password(self, name: str, password: str, expiry: str) -> None:
         """Write the VM's manager-owned display secret and have the running VM apply it."""
@@ -142,8 +145,7 @@ class EmbeddedBackend:
             )  # fmt: skip
             self._sups[name] = sup
         elif sup.state in (VmState.STOPPED, VmState.CRASHED):
-            sup.doc = doc
-            sup.policy = self.policy
+            sup.retarget(doc, self.paths(doc), self.policy)
         return sup
 
     def _get(self, name: str) -> VmSupervisor:
@@ -187,6 +189,12 @@ class EmbeddedBackend:
 
     def console_socket(self, name: str) -> Path:
         return self._get(name).console_socket
+
+    def log_file(self, name: str, source: LogSource) -> Path:
+        sup = self._sups.get(name)
+        if sup is not None:
+            return sup.paths.log_file(source)
+        return self.run_root / name / LOG_SOURCES[source]
 
     async def set_display_password(self, name: str, password: str, expiry: str) -> None:
         sup = self._get(name)

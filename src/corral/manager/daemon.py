@@ -3,6 +3,10 @@
 One daemon per state dir: it holds an exclusive lock on ``<state>/daemon.lock`` (with its pid
 inside) for as long as it runs, so two daemons never drive the same VMs.
 
+Under systemd (``Type=notify``, deploy/corral.service) it sends ``READY=1`` once every VM is
+re-attached and the API listens, ``STATUS=`` lines, and ``STOPPING=1`` when it begins to stop.
+It logs through :mod:`logging` (``corral.daemon``); ``corral serve`` formats the log.
+
 SIGTERM/SIGINT end the daemon and leave every VM running (an upgrade or restart of corral is
 invisible to guests), unless ``stopVmsOnExit`` is set: then it is the host-shutdown hook and
 stops every VM gracefully, in parallel, first (what libvirt-guests does).
@@ -13,19 +17,18 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import fcntl
-import json
+import logging
 import os
 import signal
-import sys
 from collections.abc import Callable, Iterator, Sequence
 from contextlib import AbstractAsyncContextManager
 from pathlib import Path
-from typing import IO
 
 from corral.errors import Conflict
 from corral.host.atomic import ensure_private_dir
 from corral.manager.config import ManagerConfig
 from corral.manager.manager import Manager
+from corral.manager.sdnotify import notify
 
 __all__ = ["Service", "daemon_lock", "host_shutdown", "serve"]
 
@@ -51,18 +54,18 @@ def daemon_lock(state_dir: Path) -> Iterator[None]:
         os.close(fd)
 
 
-def _log(stream: IO[str], event: str, **fields: object) -> None:
-    stream.write(json.dumps({"event": event, **fields}, default=str) + "\n")
-    stream.flush()
+_logger = logging.getLogger("corral.daemon")
+
+
+def _log(event: str, **fields: object) -> None:
+    _logger.info(event, extra={"fields": fields})
 
 
 Service = Callable[[Manager], AbstractAsyncContextManager[object]]
 """Something that runs beside the manager for the daemon's lifetime (the REST API)."""
 
 
-async def serve(
-    config: ManagerConfig, *, services: Sequence[Service] = (), log: IO[str] = sys.stderr
-) -> int:
+async def serve(config: ManagerConfig, *, services: Sequence[Service] = ()) -> int:
     """Run until SIGTERM/SIGINT: re-attach, reconcile, run ``services``; then leave VMs
     running (or stop them all with ``stopVmsOnExit``)."""
     with daemon_lock(config.state_dir):
@@ -70,10 +73,11 @@ async def serve(
         loop = asyncio.get_running_loop()
         for sig in (signal.SIGTERM, signal.SIGINT):  # before open: a stop while adopting waits
             loop.add_signal_handler(sig, stop.set)
+        notify("STATUS=re-attaching running VMs")
         manager = Manager(config)
         adopted = await manager.open()
+        reattached = sum(1 for ok in adopted.values() if ok)
         _log(
-            log,
             "DaemonStarted",
             pid=os.getpid(),
             stateDir=str(config.state_dir),
@@ -84,13 +88,16 @@ async def serve(
             async with contextlib.AsyncExitStack() as stack:
                 for service in services:
                     await stack.enter_async_context(service(manager))
-                _log(log, "DaemonReady", pid=os.getpid())
+                _log("DaemonReady", pid=os.getpid())
+                notify("READY=1", f"STATUS=serving {len(adopted)} VM(s), {reattached} re-attached")
                 await stop.wait()
         finally:
+            leaving = "stopping every VM" if config.stop_vms_on_exit else "VMs keep running"
+            notify("STOPPING=1", f"STATUS=stopping; {leaving}")
             for sig in (signal.SIGTERM, signal.SIGINT):
                 loop.remove_signal_handler(sig)
             result = await manager.close(stop_vms=config.stop_vms_on_exit)
-            _log(log, "DaemonStopped", stoppedVms=result)
+            _log("DaemonStopped", stoppedVms=result)
     return 0
 
 

@@ -29,38 +29,61 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import copy
+import logging
 import os
 import time
-from collections.abc import AsyncIterable, AsyncIterator, Awaitable, Callable, Coroutine, Mapping
+from collections.abc import (
+    AsyncGenerator,
+    AsyncIterable,
+    AsyncIterator,
+    Awaitable,
+    Callable,
+    Coroutine,
+    Iterable,
+    Mapping,
+)
 from dataclasses import dataclass
 from enum import StrEnum
 from pathlib import Path
-from typing import Any
+from typing import Any, ParamSpec, TypeVar
 
 from corral.errors import (
+    CapacityError,
     Conflict,
     CorralError,
     FieldIssue,
     Forbidden,
     NotFound,
     PolicyError,
+    QemuError,
     SpecError,
+    StoreUnavailable,
     Timeout,
 )
 from corral.host.atomic import ensure_private_dir
+from corral.host.consolelog import LogFollower, log_exists, read_spans, tail_spans
 from corral.host.images import ImageRecord, ImageStore, Progress, host_path
+from corral.host.ports import host_ports, port_busy
 from corral.manager.backend import Backend, EmbeddedBackend, Observed
 from corral.manager.config import ManagerConfig
 from corral.manager.retained import RetainedDisks, RetainedSet
 from corral.manager.store import Store, StoredEvent, VmRecord
 from corral.manager.systemd import SystemdBackend
-from corral.runner.config import check_host
-from corral.runner.status import VmState, now_iso
+from corral.manager.waits import WaitTarget
+from corral.manager.writeback import WriteBack
+from corral.runner.config import LogSource, check_host
+from corral.runner.status import Condition, VmState, now_iso
 from corral.runner.supervisor import ExecResult
 from corral.spec import HostPolicy, VmDocument, load_policy, parse_document
 from corral.spec.policy import DEFAULT_POLICY_FILE, path_within
 
 __all__ = ["Manager", "ManagerState", "json_merge_patch"]
+
+_events_log = logging.getLogger("corral.events")
+
+_P = ParamSpec("_P")
+_T = TypeVar("_T")
+_LOG_POLL = 0.25  # seconds between looks at a followed log that has nothing new
 
 _RUNNER_FIELDS_OWNED = (
     "data_dir",
@@ -122,6 +145,8 @@ class _Backoff:
     attempt: int = 0  # start attempts so far; each one's failure is counted once
     counted: int = -1  # the attempt whose failure was counted last
     running_since: float | None = None  # time.monotonic() the VM last reached Running
+    last_failure: str | None = None  # the last start's error, if no start succeeded since
+    judged: int = -1  # the attempt whose failure the runner reported (StartFailed)
 
 
 class Manager:
@@ -160,7 +185,17 @@ class Manager:
         self._backoff: dict[str, _Backoff] = {}
         self._timers: dict[str, asyncio.TimerHandle] = {}
         self._last_error: dict[str, str] = {}
+        # VMs whose start failed the same way twice in a row: not started again until a user
+        # starts them or changes their spec (state Failed); the error, to raise to waiters
+        self._failed: dict[str, CorralError] = {}
         self._subscribers: set[tuple[str | None, asyncio.Queue[StoredEvent]]] = set()
+        self._status_waiters: dict[str, set[asyncio.Future[None]]] = {}  # woken per write
+        # events and statuses the daemon records on its own: written off the loop, kept and
+        # retried while the store cannot be written
+        self._writeback = WriteBack(self.store, self._publish, self._statuses_written)
+        # desired states the daemon decided (restartPolicy Never, a guest's poweroff) that
+        # the store has not taken yet: reconcile acts on them meanwhile
+        self._pending_desired: dict[str, tuple[str, asyncio.Future[object]]] = {}
         self._resync: asyncio.Task[None] | None = None
         self._background: set[asyncio.Future[object]] = set()
         self._passive = False
@@ -217,6 +252,7 @@ class Manager:
             self._resync = asyncio.ensure_future(self._resync_loop())
         else:
             self._passive = True
+        await self._writeback.settle()
         return {r.name: ok for r, ok in zip(records, results, strict=True)}
 
     async def close(self, *, stop_vms: bool = False) -> dict[str, str]:
@@ -235,6 +271,7 @@ class Manager:
         await asyncio.gather(*tasks, return_exceptions=True)
         result = await self.stop_all() if stop_vms else {}
         await self.backend.close()
+        await self._writeback.close()  # one last try: what the store cannot take is lost
         self.store.close()
         self.state = ManagerState.CLOSED
         return result
@@ -319,14 +356,16 @@ class Manager:
             stale = self.retained.retain(name)
             data = {"retainedDisks": stale.id} if stale is not None else {}
         try:
-            record = self.store.create(document)
+            record = await self._write(self.store.create, document)
         except BaseException:
             if adopted is not None:
                 self.retained.unadopt(adopted, name)
             raise
+        self._supersede(name)
         self._record_event(record.name, "Created", {"generation": record.generation, **data})
         self._write_status(record.name)
         self.kick(record.name)
+        await self._writeback.settle()
         return self.store.get(record.name)
 
     async def replace(
@@ -337,9 +376,13 @@ class Manager:
         self.store.get(document.name)
         async with self._admission:
             self._admit(document)
-            record = self.store.replace(document, resource_version)
+            record = await self._write(self.store.replace, document, resource_version)
+        if self._failed.pop(record.name, None) is not None:  # the change may be the fix
+            self._backoff.pop(record.name, None)
+        self._supersede(record.name)
         self._record_event(record.name, "SpecChanged", {"generation": record.generation})
         self.kick(record.name)
+        await self._writeback.settle()
         return record
 
     async def apply(
@@ -356,23 +399,36 @@ class Manager:
     async def patch(
         self, name: str, patch: Mapping[str, Any], resource_version: str | None = None
     ) -> VmRecord:
-        """A JSON merge patch (RFC 7386) on the VM document (metadata and spec)."""
-        current = self.store.get(name)
-        resource_version = _check_version(resource_version)
-        if resource_version is None:
-            resource_version = current.resource_version
-        body = current.document.model_dump(mode="json", by_alias=True, exclude_none=True)
-        merged = json_merge_patch(body, {k: v for k, v in patch.items() if k != "status"})
-        if not isinstance(merged, dict):
-            raise SpecError.single("", "a merge patch must be an object")
-        meta = merged.get("metadata")
-        if not isinstance(meta, dict) or meta.get("name") != name:
-            raise SpecError.single("metadata.name", "a VM cannot be renamed")
-        return await self.replace(merged, resource_version)
+        """A JSON merge patch (RFC 7386) on the VM document (metadata and spec).
 
-    async def _set_desired(self, name: str, state: str) -> VmRecord:
+        Without ``resource_version`` it applies to the document as it is when written: a
+        concurrent writer in between (the store's writes are awaited) makes it merge again."""
+        self.store.get(name)  # NotFound before a bad version
+        expected = _check_version(resource_version)
+        for _ in range(20):
+            current = self.store.get(name)
+            body = current.document.model_dump(mode="json", by_alias=True, exclude_none=True)
+            merged = json_merge_patch(body, {k: v for k, v in patch.items() if k != "status"})
+            if not isinstance(merged, dict):
+                raise SpecError.single("", "a merge patch must be an object")
+            meta = merged.get("metadata")
+            if not isinstance(meta, dict) or meta.get("name") != name:
+                raise SpecError.single("metadata.name", "a VM cannot be renamed")
+            try:
+                return await self.replace(merged, expected or current.resource_version)
+            except Conflict:
+                if expected is not None:
+                    raise
+                await asyncio.sleep(0.01)
+        raise Conflict(f"VM {name!r} changes too fast to patch it; retry")
+
+    async def _set_desired(self, name: str, state: str, *, own: bool = False) -> VmRecord:
         """Only ``spec.vm.state`` changes: no admission (a host whose policy was tightened can
-        still stop, kill or delete what it runs); starting is admitted by :meth:`start`."""
+        still stop, kill or delete what it runs); starting is admitted by :meth:`start`.
+        A user's wish (not ``own``, the daemon's) supersedes one the daemon has pending."""
+        if not own:
+            self._supersede(name)
+            self._failed.pop(name, None)  # a user's stop or start ends a Failed state
         for _ in range(20):  # retry on a concurrent writer: this is a read-modify-write
             current = self.store.get(name)
             if current.desired == state:
@@ -380,14 +436,55 @@ class Manager:
             data = current.document.model_dump(mode="json", by_alias=True, exclude_none=True)
             data["spec"]["vm"]["state"] = state
             try:
-                record = self.store.replace(parse_document(data), current.resource_version)
+                record = await self._write(
+                    self.store.replace, parse_document(data), current.resource_version
+                )
             except Conflict:
                 await asyncio.sleep(0.01)
                 continue
             self._record_event(name, "SpecChanged", {"generation": record.generation})
             self.kick(name)
+            await self._writeback.settle()
             return record
         raise Conflict(f"VM {name!r} changes too fast to set its state; retry")
+
+    async def _own_desired(self, name: str, state: str) -> object:
+        """A desired state the daemon decided (restartPolicy Never, a guest's poweroff):
+        reconcile acts on it at once, and it is written when the store can take it (retried
+        while it cannot), unless a user's request for this VM supersedes it first."""
+        delay = 0.5
+        try:
+            while True:
+                try:
+                    return await self._set_desired(name, state, own=True)
+                except NotFound:
+                    return None
+                except (StoreUnavailable, Conflict):
+                    await asyncio.sleep(delay)
+                    delay = min(delay * 2, 5.0)
+        finally:
+            pending = self._pending_desired.get(name)
+            if pending is not None and pending[1] is asyncio.current_task():
+                del self._pending_desired[name]
+
+    def _desire(self, name: str, state: str) -> None:
+        self._supersede(name)
+        task = asyncio.ensure_future(self._own_desired(name, state))
+        self._pending_desired[name] = (state, task)
+        self._background.add(task)
+        task.add_done_callback(self._background.discard)
+
+    def _supersede(self, name: str) -> None:
+        pending = self._pending_desired.pop(name, None)
+        if pending is not None:
+            pending[1].cancel()
+
+    async def _write(self, fn: Callable[_P, _T], /, *args: _P.args, **kwargs: _P.kwargs) -> _T:
+        """A request's own write, on the store's writer thread (:class:`StoreUnavailable` if
+        the store cannot take it); a success also tells the write-back to retry now."""
+        result = await self.store.run(fn, *args, **kwargs)
+        self._writeback.wake()
+        return result
 
     async def start(self, name: str, *, wait: float | None = None) -> VmRecord:
         """Desired Running, if this host admits it (:class:`PolicyError` with the reason if
@@ -395,12 +492,13 @@ class Manager:
         stopping one included)."""
         async with self._admission:
             current = self.store.get(name)
-            if current.desired != "Running":
+            if current.desired != "Running" or not self._observe(name).active:
                 data = current.document.model_dump(mode="json", by_alias=True, exclude_none=True)
                 data["spec"]["vm"]["state"] = "Running"
                 self._admit(parse_document(data))
             self._backoff.pop(name, None)
             self._last_error.pop(name, None)
+            self._failed.pop(name, None)  # a user's start tries again
             record = await self._set_desired(name, "Running")
         self.kick(name)
         if wait:
@@ -427,6 +525,7 @@ class Manager:
         async with self._lock(name):
             await self.backend.reset(name)
             self._record_event(name, "ResetRequested", {})
+        await self._writeback.settle()
 
     async def kill(self, name: str) -> VmRecord:
         """SIGKILL qemu now; the VM is then desired Stopped (nothing restarts it).
@@ -437,6 +536,7 @@ class Manager:
         await self.backend.kill(name)
         self._record_event(name, "Killed", {})
         self._write_status(name)
+        await self._writeback.settle()
         return record
 
     async def delete(
@@ -447,35 +547,120 @@ class Manager:
         ``force`` kills it instead of a graceful stop, aborting one in flight
         (``kubectl delete --grace-period=0 --force``)."""
         self.store.get(name)
+        self._supersede(name)
+        # the store must take the delete: refuse now (503), before anything is stopped or
+        # moved, rather than after the VM is gone
+        await self._write(self.store.touch)
         if force:
             await self.kill(name)
         async with self._lock(name):
             await self.backend.stop(name)
             retained = await self.backend.forget(name, delete_disks=delete_disks)
-            self.store.delete(name)
+            await self._write(self.store.delete, name)
             self._applied_generation.pop(name, None)
             self._backoff.pop(name, None)
+            self._failed.pop(name, None)
             timer = self._timers.pop(name, None)
             if timer is not None:
                 timer.cancel()
             data: dict[str, object] = {"deleteDisks": delete_disks}
             if retained is not None:
                 data["retainedDisks"] = retained.id
-            self._publish(self.store.add_event(name, "Deleted", data))
+            self._record_event(name, "Deleted", data)
+            self._status_changed(name)  # a wait on it ends: NotFound
+        await self._writeback.settle()
         return retained
 
     async def wait_for(self, name: str, states: set[str], timeout: float) -> VmRecord:
-        deadline = time.monotonic() + timeout
+        """Until the VM's observed state is one of ``states`` (``start --wait``: Running).
+        A VM that becomes Failed (its start failed twice the same way) ends the wait at once
+        with that start's error, unless Failed is what is waited for."""
+
+        def reached(status: Mapping[str, Any]) -> bool:
+            if status.get("state") in states:
+                return True
+            self._raise_if_failed(name, states)
+            return False
+
+        def timed_out(record: VmRecord) -> Timeout:
+            return Timeout(
+                f"VM {name!r} is {record.status.get('state')}, not {'/'.join(sorted(states))}"
+                f" after {timeout:g}s"
+            )
+
+        return await self._wait_status(name, reached, timeout, timed_out)
+
+    async def wait(self, name: str, target: WaitTarget | str, timeout: float) -> VmRecord:
+        """Until ``target`` holds (``state=Stopped``, ``condition=Booted``...: ``corral wait
+        --for``); :class:`Timeout` saying where the VM is after ``timeout`` seconds,
+        :class:`NotFound` if it is (or gets) deleted, :class:`SpecError` for a bad target."""
+        want = WaitTarget.parse(target) if isinstance(target, str) else target
+
+        def timed_out(record: VmRecord) -> Timeout:
+            return Timeout(
+                f"VM {name!r}: timed out after {timeout:g}s waiting for {want}; "
+                f"it is {want.describe(record.status)}"
+            )
+
+        def met(status: Mapping[str, Any]) -> bool:
+            if want.met(status):
+                return True
+            self._raise_if_failed(name, {want.name} if want.kind == "state" else set())
+            booted = (status.get("conditions") or {}).get(Condition.BOOTED.value) or {}
+            wants_boot = want.kind == "condition" and want.name == Condition.BOOTED.value
+            if wants_boot and want.value and booted.get("reason") == "BootTimeout":
+                # the guest's own bound (bootTimeout) ran out: say why now, not at the timeout
+                raise Timeout(f"VM {name!r} did not boot: {booted.get('message')}")
+            return False
+
+        return await self._wait_status(name, met, timeout, timed_out)
+
+    def _raise_if_failed(self, name: str, states: set[str]) -> None:
+        """A wait for something a Failed VM will not reach ends with its start's error (of
+        the same class: a taken port stays a Conflict), not with a timeout."""
+        error = self._failed.get(name)
+        if error is None or VmState.FAILED.value in states:
+            return
+        raise type(error)(
+            f"VM {name!r} failed to start, twice the same way, and is not retried (state "
+            f"Failed; corral start {name} or a spec change tries again): {error.message}",
+            error.issues,
+        )
+
+    async def _wait_status(
+        self,
+        name: str,
+        met: Callable[[Mapping[str, Any]], bool],
+        timeout: float,
+        timed_out: Callable[[VmRecord], CorralError],
+    ) -> VmRecord:
+        """The one wait loop: judge the stored status, then sleep until the next status write
+        of this VM (:meth:`_write_status` wakes it; no polling) or the deadline. ``met`` may
+        raise a :class:`CorralError` to end the wait early (a start that cannot succeed)."""
+        loop = asyncio.get_running_loop()
+        deadline = loop.time() + timeout
         while True:
             record = self.store.get(name)
-            if record.status.get("state") in states:
+            if met(record.status):
                 return record
-            if time.monotonic() > deadline:
-                raise Timeout(
-                    f"VM {name!r} is {record.status.get('state')}, not {'/'.join(sorted(states))}"
-                    f" after {timeout:g}s"
-                )
-            await asyncio.sleep(0.05)
+            left = deadline - loop.time()
+            if left <= 0:
+                raise timed_out(record)
+            changed: asyncio.Future[None] = loop.create_future()
+            waiters = self._status_waiters.setdefault(name, set())
+            waiters.add(changed)
+            try:
+                await asyncio.wait({changed}, timeout=left)
+            finally:
+                changed.cancel()
+                waiters.discard(changed)
+                if not waiters and self._status_waiters.get(name) is waiters:
+                    del self._status_waiters[name]
+
+    def _status_changed(self, name: str) -> None:
+        for changed in self._status_waiters.get(name, ()):
+            if not changed.done():
+                changed.set_result(None)
 
     def events(self, name: str | None = None, after: int = 0) -> list[StoredEvent]:
         if name is not None:
@@ -515,6 +700,46 @@ class Manager:
         """The serial console socket of a running VM (for the console proxy)."""
         self._running(name)
         return self.backend.console_socket(name)
+
+    def logs(
+        self, name: str, source: LogSource = "console", *, tail: int | None = None,
+        follow: bool = False,
+    ) -> AsyncGenerator[bytes, None]:  # fmt: skip
+        """The VM's console log (what the guest printed) or qemu's log (its stderr), bytes as
+        written: the last ``tail`` lines (``None``: all) of the log and its rotated copy; with
+        ``follow``, then what is appended, across rotations and restarts, until the VM is
+        deleted or the consumer stops iterating (memory: one 64 KiB chunk at a time).
+
+        Checked before the stream starts: :class:`NotFound` for an unknown VM,
+        :class:`Conflict` for one that has no such log yet (it never ran here), unless it is
+        followed while it is meant to be Running (its log is about to appear)."""
+        record = self.store.get(name)
+        path = self.backend.log_file(name, source)
+        if not log_exists(path) and not (follow and record.desired == "Running"):
+            raise Conflict(
+                f"VM {name!r} has no {source} log yet: it has not run since it was created"
+                f" (corral start {name})"
+            )
+        return self._log_stream(record, path, tail, follow)
+
+    async def _log_stream(
+        self, record: VmRecord, path: Path, tail: int | None, follow: bool
+    ) -> AsyncGenerator[bytes, None]:
+        spans, end = await asyncio.to_thread(tail_spans, path, tail)
+        for chunk in read_spans(spans):
+            yield chunk
+        if not follow:
+            return
+        log = LogFollower(path, end)
+        while True:
+            chunk = log.read()
+            if chunk:
+                yield chunk
+                continue
+            current = self.store.find(record.name)
+            if current is None or current.uid != record.uid:
+                return  # deleted (its runtime dir and logs with it)
+            await asyncio.sleep(_LOG_POLL)
 
     async def display(self, name: str, expiry: int = 30) -> dict[str, Any]:
         """A fresh display password for a running VM, valid ``expiry`` seconds, and the
@@ -750,6 +975,37 @@ class Manager:
         )
         if doc.vm.state == "Running":
             self._check_capacity(doc)
+            if not self._observe(doc.name).active:  # a running VM's own qemu holds them
+                self._check_ports(doc)
+
+    def _check_ports(self, doc: VmDocument) -> None:
+        """The host ports the VM's qemu would listen on (port forwards, SPICE, VNC) are free,
+        and no other VM running or desired Running asks for them: qemu exits at once when
+        one is taken, and would again on every retry. :class:`Conflict` naming each field."""
+        mine = host_ports(doc)
+        if not mine:
+            return
+        others = [
+            (record.name, port)
+            for record in self.store.all()
+            if record.name != doc.name
+            and (record.desired == "Running" or self._observe(record.name).active)
+            for port in host_ports(record.document)
+        ]
+        issues = []
+        for port in mine:
+            owner = next((vm for vm, theirs in others if theirs.overlaps(port)), None)
+            if owner is not None:
+                issues.append(
+                    FieldIssue(
+                        port.field,
+                        f"{port}: VM {owner!r} (running or desired Running) listens on it too",
+                    )
+                )
+            elif (why := port_busy(port)) is not None:
+                issues.append(FieldIssue(port.field, f"{port} is taken on this host ({why})"))
+        if issues:
+            raise Conflict("a host port this VM listens on is taken", issues)
 
     def _own_dirs(self) -> list[str]:
         """The manager's own files: no document path may point into them (the image store
@@ -787,7 +1043,7 @@ class Manager:
                 )
             )
         if issues:
-            raise PolicyError.of(issues)
+            raise CapacityError.of(issues)
 
     # --- reconciling -----------------------------------------------------------------------
 
@@ -831,7 +1087,11 @@ class Manager:
     async def _resync_loop(self) -> None:
         while True:
             await asyncio.sleep(self.config.resync_seconds)
-            for name in self.store.names():
+            try:
+                names = self.store.names()
+            except StoreUnavailable:
+                continue  # the next round reads it again
+            for name in names:
                 self.kick(name)
 
     def _observe(self, name: str) -> Observed:
@@ -842,10 +1102,14 @@ class Manager:
         if record is None or not self.reconciling:
             return
         observed = self._observe(name)
-        if record.desired == "Stopped":
+        pending = self._pending_desired.get(name)
+        if record.desired == "Stopped" or (pending is not None and pending[0] == "Stopped"):
             if observed.active:
                 how = await self.backend.stop(name)
                 self._record_event(name, "Stopped", {"how": how})
+            self._write_status(name)
+            return
+        if name in self._failed:  # not started again until a user start or a spec change
             self._write_status(name)
             return
         if observed.active:
@@ -879,12 +1143,58 @@ class Manager:
                 await self.backend.start(self._runtime_document(record.document))
             except CorralError as exc:
                 self._last_error[name] = str(exc)
-                self._schedule_restart(name, "StartFailed", str(exc))
+                backoff = self._backoff[name]
+                if backoff.judged == backoff.attempt:  # the runner said it (StartFailed)
+                    if name in self._failed:
+                        self._failed[name] = exc  # its own class, for waiters
+                else:
+                    self._judge_start_failure(name, exc)
+                if name not in self._failed:
+                    self._schedule_restart(name, "StartFailed", str(exc))
                 self._write_status(name)
                 return
         self._last_error.pop(name, None)
         self._applied_generation[name] = record.generation
         self._write_status(name)
+
+    def _judge_start_failure(self, name: str, error: CorralError) -> None:
+        """A start failed: failing the same way as the start before it (no Running between)
+        makes the VM Failed, since a retry would only fail again (a taken port, a document
+        qemu refuses); the count starts afresh at a user's start or a spec change."""
+        backoff = self._backoff.setdefault(name, _Backoff())
+        message = str(error)
+        if isinstance(error, CapacityError):
+            return  # room frees up when other VMs stop: retried with backoff, not Failed
+        unavailable = self._writeback.unavailable
+        if unavailable is not None and unavailable.reason != "locked":
+            # the daemon's own disk is full or failing: the host is in trouble, not the
+            # document; retried with backoff, so a start accepted before it runs after it
+            return
+        if backoff.last_failure != message:
+            backoff.last_failure = message
+            return
+        self._failed[name] = error
+        timer = self._timers.pop(name, None)
+        if timer is not None:
+            timer.cancel()
+        self._record_event(
+            name,
+            "Failed",
+            {
+                "error": message,
+                "hint": f"its start failed twice the same way: fix the cause, then corral start "
+                f"{name} (a spec change also tries again)",
+            },
+        )
+        self._write_status(name)
+        self._spawn(self._stop_failed(name))
+
+    async def _stop_failed(self, name: str) -> None:
+        """A placement that retries on its own (systemd's Restart=) is stopped."""
+        async with self._lock(name):
+            if name in self._failed:
+                with contextlib.suppress(CorralError):
+                    await self.backend.stop(name)
 
     def _schedule_restart(self, name: str, reason: str, detail: str) -> None:
         """Count a failure of the current start attempt (once: a start that fails is seen
@@ -920,30 +1230,59 @@ class Manager:
     def _on_event(self, name: str, event: dict[str, Any]) -> None:
         """Every runner event: stored, published, and a crash schedules a restart."""
         kind = str(event.get("event", "Event"))
-        if self.store.find(name) is None:
-            return
+        try:
+            if self.store.find(name) is None:
+                return
+        except StoreUnavailable:
+            pass  # cannot tell: recorded anyway (for a deleted VM, an orphan event at worst)
         self._record_event(name, kind, event)
+        if kind == "StartFailed":  # the runner's own words (systemd: the only ones we get)
+            self._last_error[name] = str(event.get("error"))
+            if self.state is ManagerState.OPEN:
+                judging = self._backoff.setdefault(name, _Backoff())
+                judging.judged = judging.attempt
+                self._judge_start_failure(name, QemuError(str(event.get("error"))))
         if kind == "StateChanged":
             self._write_status(name)
             if event.get("state") == VmState.CRASHED.value and self.state is ManagerState.OPEN:
-                record = self.store.find(name)
-                if record is not None and record.desired == "Running":
+                try:
+                    record = self.store.find(name)
+                except StoreUnavailable:
+                    record = None  # the next resync reconciles the crash instead
+                if record is not None and record.desired == "Running" and name not in self._failed:
                     if record.document.spec.restart_policy == "Never":
                         # persisted as desired Stopped, so no later daemon starts it again
                         self._record_event(name, "NotRestarted", {"restartPolicy": "Never"})
-                        self._spawn(self._set_desired(name, "Stopped"))
+                        self._desire(name, "Stopped")
                     else:
-                        self._schedule_restart(name, "Crashed", str(event.get("exit")))
+                        self._schedule_restart(name, "Crashed", self._crash_detail(name, event))
             elif event.get("state") == VmState.STOPPED.value and event.get("stoppedBy") == "guest":
                 # guestShutdownStops: the guest's own poweroff is a wish to be Stopped
-                self._spawn(self._set_desired(name, "Stopped"))
+                self._desire(name, "Stopped")
             elif event.get("state") == VmState.RUNNING.value:
+                self._last_error.pop(name, None)
                 backoff = self._backoff.get(name)
                 if backoff is not None:
                     backoff.due = 0.0
                     backoff.running_since = time.monotonic()
+                    backoff.last_failure = None  # "twice in a row" counts from here
         elif kind in ("ConditionChanged", "Applied", "MediaChanged", "Attached"):
             self._write_status(name)
+
+    def _crash_detail(self, name: str, event: Mapping[str, Any]) -> str:
+        """How qemu ended, with its last stderr lines; for a start that failed (no exit in
+        the event), the StartFailed error just recorded, which carries them."""
+        info = event.get("exit")
+        if not isinstance(info, dict):
+            return self._last_error.get(name) or "qemu ended"
+        if info.get("code") is not None:
+            how = f"qemu exited with code {info['code']}"
+        elif info.get("signal") is not None:
+            how = f"qemu was killed by signal {info['signal']}"
+        else:
+            how = "qemu ended (exit status unknown: it was not our child)"
+        said = info.get("stderr")
+        return f"{how}; qemu said:\n{said}" if said else how
 
     def _spawn(self, coro: Coroutine[Any, Any, object]) -> None:
         task = asyncio.ensure_future(coro)
@@ -951,7 +1290,11 @@ class Manager:
         task.add_done_callback(self._background.discard)
 
     def _record_event(self, name: str, kind: str, data: Mapping[str, Any]) -> None:
-        self._publish(self.store.add_event(name, kind, dict(data)))
+        """Queued for the store (:class:`WriteBack`), published once it is written."""
+        self._writeback.event(name, kind, dict(data))
+        level = logging.WARNING if kind.endswith(("Failed", "Crashed")) else logging.INFO
+        level = logging.DEBUG if kind.endswith("Progress") else level
+        _events_log.log(level, kind, extra={"fields": {"vm": name or None, **data}})
 
     def _publish(self, event: StoredEvent) -> None:
         for vm, queue in list(self._subscribers):
@@ -960,7 +1303,12 @@ class Manager:
                     queue.put_nowait(event)
 
     def _write_status(self, name: str) -> None:
-        record = self.store.find(name)
+        """The VM's observed status, queued for the store (:class:`WriteBack`); status waits
+        wake once it is written."""
+        try:
+            record = self.store.find(name)
+        except StoreUnavailable:
+            return  # cannot read it now: the next resync writes it
         if record is None:
             return
         observed = self._observe(name)
@@ -972,5 +1320,18 @@ class Manager:
         backoff = self._backoff.get(name)
         status["restartCount"] = backoff.failures if backoff else 0
         status["lastError"] = self._last_error.get(name)
+        failed = self._failed.get(name)
+        if failed is not None and not observed.active:
+            status["state"] = VmState.FAILED.value  # the manager's word: not retried
+            status["lastError"] = str(failed)
         status["observedAt"] = now_iso()
-        self.store.set_status(name, status)
+        self._writeback.status(name, status)
+
+    def _statuses_written(self, names: Iterable[str]) -> None:
+        for name in names:
+            self._status_changed(name)
+
+    @property
+    def store_unavailable(self) -> StoreUnavailable | None:
+        """Why the daemon cannot write its own records to the store now (None: it can)."""
+        return self._writeback.unavailable

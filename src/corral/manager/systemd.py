@@ -62,6 +62,7 @@ from corral.host.atomic import ensure_private_dir, publish_replace, temp_sibling
 from corral.manager.backend import EventCallback, Observed
 from corral.manager.retained import RetainedDisks, RetainedSet
 from corral.runner.changes import pending_restart, write_display_secret
+from corral.runner.config import LOG_SOURCES, LogSource
 from corral.runner.status import VmState, make_event, now_iso
 from corral.runner.supervisor import ExecResult
 from corral.spec import VmDocument, parse_document
@@ -93,7 +94,7 @@ PROGRESSIVE_RESTART_SINCE = 254
 warns "Unknown key" on them, so older versions get a fixed ``RestartSec=`` only."""
 
 _ACTIVE = frozenset({"active", "activating", "deactivating", "reloading", "refreshing"})
-_STOP_HOW = frozenset({"powerdown", "quit", "kill"})
+_STOP_HOW = frozenset({"powerdown", "quit", "quit-unbooted", "kill"})
 _QEMU_STATES = frozenset({VmState.STARTING, VmState.RUNNING, VmState.STOPPING})
 _READ_CHUNK = 1 << 20
 _UNSAFE_EXEC = frozenset("\"'\\\x7f")
@@ -606,6 +607,10 @@ class SystemdBackend:
             f"VM {name!r}: reset is not supported by the systemd backend yet (its runner has "
             "no channel for it); use restart"
         )
+
+    def log_file(self, name: str, source: LogSource) -> Path:
+        """The runner's runtime dir is ``<run>/<name>`` (:meth:`placed_document`)."""
+        return self.run_root / name / LOG_SOURCES[source]
 
     def console_socket(self, name: str) -> Path:
         """The serial console socket qemu serves in the runner's runtime dir (the runner does

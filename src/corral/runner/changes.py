@@ -2,8 +2,9 @@
 
 Live (applied over QMP / the guest agent without restarting qemu): ``currentCpus``,
 ``currentRam``, CD media (``disks[].cdrom.image``), ``powerdownTimeout``,
-``guestShutdownStops``, and the display password (which is not in the document). Everything
-else that differs is *pending restart*: reported in the status and applied on the next start.
+``bootTimeout`` (it bounds the next start), ``guestShutdownStops``, and the display password
+(which is not in the document). Everything else that differs is *pending restart*: reported
+in the status and applied on the next start.
 """
 
 from __future__ import annotations
@@ -25,7 +26,7 @@ __all__ = [
     "write_display_secret",
 ]
 
-_LIVE_VM_FIELDS = {"currentCpus", "currentRam", "powerdownTimeout", "state"}
+_LIVE_VM_FIELDS = {"currentCpus", "currentRam", "powerdownTimeout", "bootTimeout", "state"}
 _EXPIRY = re.compile(r"^(never|now|\+\d+|\d+)$")
 
 

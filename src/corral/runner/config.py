@@ -16,8 +16,9 @@ import uuid
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
 from pathlib import Path
+from typing import Literal
 
-from corral.errors import FieldIssue, PolicyError
+from corral.errors import FieldIssue, PolicyError, SpecError
 from corral.host.chain import chain_issues
 from corral.qemu.argv import RenderContext, render_argv
 from corral.qemu.fingerprint import (
@@ -28,9 +29,14 @@ from corral.qemu.fingerprint import (
     supports_option,
 )
 from corral.spec import HostPolicy, VmDocument, check_policy
+from corral.spec.models import MachineType, uefi_kernel_ram
+from corral.spec.sizes import format_size
 
 __all__ = [
+    "LOG_SOURCES",
+    "LogSource",
     "RunnerPaths",
+    "boot_ram_issues",
     "check_host",
     "needs_bridge_helper",
     "render_for_host",
@@ -46,6 +52,11 @@ _SANDBOX: dict[str, str | bool] = {
     "spawn": "deny",
     "resourcecontrol": "deny",
 }
+
+
+LogSource = Literal["console", "qemu"]
+LOG_SOURCES: dict[LogSource, str] = {"console": "console.log", "qemu": "qemu.log"}
+"""A VM's log files by source, under its runtime dir (the argv template names console.log)."""
 
 
 @dataclass(frozen=True)
@@ -67,6 +78,11 @@ class RunnerPaths:
     @property
     def seed_image(self) -> Path:
         return self.data_dir / "cidata.img"
+
+    def log_file(self, source: LogSource) -> Path:
+        """The VM's console log (what the guest printed on its serial console) or qemu's log
+        (its stderr and stdout), in the runtime dir; rotated copies end in ``.1``."""
+        return self.runtime_dir / LOG_SOURCES[source]
 
 
 def _default_base(env: str, root_default: str, home_fallback: str) -> Path:
@@ -133,7 +149,8 @@ def check_host(
 ) -> None:
     """The host policy, then every file behind every disk (backing chains, data files):
     raises one :class:`PolicyError` listing every issue. Run at admission and again right
-    before anything opens a disk (files change between the two)."""
+    before anything opens a disk (files change between the two). Once the policy allows the
+    files, :func:`boot_ram_issues` (a :class:`SpecError`): RAM the guest cannot boot with."""
     issues: list[FieldIssue] = []
     try:
         check_policy(doc, policy, emulator=emulator)
@@ -142,6 +159,38 @@ def check_host(
     issues += chain_issues(doc, policy, forbidden=forbidden, read_only_ok=read_only_ok)
     if issues:
         raise PolicyError.of(issues)
+    ram = boot_ram_issues(doc)
+    if ram:
+        raise SpecError("invalid VM document", ram)
+
+
+def boot_ram_issues(doc: VmDocument) -> list[FieldIssue]:
+    """``maximumRam`` too small for OVMF to boot this VM's ``kernel`` and ``initrd`` directly
+    (:func:`~corral.spec.models.uefi_kernel_ram`: it depends on their sizes, so it is checked
+    here, with the files, not by the document's own validation). Only files the policy
+    allowed are looked at; a missing one is left to qemu to report."""
+    vm = doc.vm
+    if vm.kernel is None or not vm.firmware.is_uefi or vm.machine is MachineType.MICROVM:
+        return []
+    sizes = []
+    for path in (vm.kernel, vm.initrd):
+        try:
+            sizes.append(os.stat(path).st_size if path is not None else 0)
+        except OSError:
+            return []
+    need = uefi_kernel_ram(*sizes)
+    if vm.maximum_ram >= need:
+        return []
+    loaded = f"{(sizes[0] + sizes[1]) / 1024**2:.1f} MiB"
+    return [
+        FieldIssue(
+            "spec.vm.maximumRam",
+            f"{format_size(vm.maximum_ram)} is too small to boot this kernel and initrd "
+            f"({loaded}) through firmware {vm.firmware.value}: OVMF needs at least "
+            f"{format_size(need)} (128Mi + 3 x their size) or the guest never boots; "
+            "raise maximumRam, or use firmware: bios",
+        )
+    ]
 
 
 def resolve_run_as(name: str | None) -> str | None:

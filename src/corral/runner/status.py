@@ -35,6 +35,9 @@ class VmState(StrEnum):
     RUNNING = "Running"
     STOPPING = "Stopping"
     CRASHED = "Crashed"
+    FAILED = "Failed"
+    """Set by the manager, never by a runner: the VM's start failed the same way twice in a
+    row, so it is not retried until a user starts it again or changes its spec."""
 
 
 class Condition(StrEnum):
@@ -54,6 +57,7 @@ class ConditionStatus:
     status: bool
     reason: str
     since: str
+    message: str | None = None  # what a person needs to know (BootTimeout: the console tail)
 
 
 @dataclass
@@ -91,9 +95,23 @@ class VmStatus:
         current = self.conditions.get(condition.value)
         return bool(current and current.status)
 
+    def condition_reason(self, condition: Condition) -> str | None:
+        current = self.conditions.get(condition.value)
+        return current.reason if current is not None else None
+
+    def report_condition(
+        self, condition: Condition, value: bool, reason: str, message: str | None
+    ) -> None:
+        """Set a condition even if only its reason or message changes (a condition that
+        stays False, now for a known reason)."""
+        self.conditions[condition.value] = ConditionStatus(value, reason, now_iso(), message)
+
     def to_json(self) -> dict[str, object]:
         data = asdict(self)
         data["state"] = self.state.value
+        for cond in data["conditions"].values():
+            if cond.get("message") is None:
+                del cond["message"]
         return {_camel(k): v for k, v in data.items()}
 
 

@@ -27,6 +27,7 @@ import asyncio
 import contextlib
 import json
 import os
+import re
 import secrets
 import signal
 import time
@@ -45,11 +46,14 @@ from corral.host import (
     find_qemu,
     open_bridge_tap,
     pid_alive,
+    process_age,
     process_exe_name,
     read_pidfile,
 )
 from corral.host.chain import ChainError, open_file
 from corral.host.consolelog import LogFollower, needs_rotation, rotate
+from corral.host.ports import busy_ports
+from corral.printable import printable
 from corral.qemu.agent import AgentError, AgentReplyError, ExecResult, GuestAgent
 from corral.qemu.fingerprint import find_emulator, find_firmware, resolve_accelerator
 from corral.qemu.monitor import Monitor, QmpEvent
@@ -70,10 +74,20 @@ from corral.spec.models import MachineType, default_uuid, is_remote_image
 __all__ = ["ExecResult", "ExitInfo", "VmSupervisor"]
 
 _QUIT_WAIT = 10.0
+POWERDOWN_REPEAT = 10.0
+"""Seconds between ACPI power-button presses while a stop waits for the guest: one that missed
+the first (still booting, acpid not up yet, a desktop that asked and got no answer) gets
+another, until ``powerdownTimeout``."""
+UNBOOTED_GRACE = 15.0
+"""Seconds of ACPI a stop gives a guest that never showed it booted (BootTimeout): enough for
+a Linux guest without an agent to power down cleanly, far less than ``powerdownTimeout``."""
 _KILL_WAIT = 5.0
 _AGENT_POLL = 5.0
 _AGENT_REPORT_EVERY = 60.0  # at most one GuestAgentReplyInvalid event a minute
 _LOG_CHECK = 0.5  # how often console.log and qemu.log are checked against their cap
+_TAIL_LINES, _TAIL_BYTES = 20, 4096  # qemu's last words in a start error and a crash's exit
+_STARTING = re.compile(rb"^--- \S+ starting qemu\n", re.MULTILINE)  # _spawn's line in qemu.log
+_ESCAPES = re.compile(r"\x1b(\[[0-?]*[ -/]*[@-~]|[()][0-9A-Za-z]|[=>])")  # a terminal's, not text
 _LIFECYCLE = (Condition.BOOTED, Condition.AGENT_CONNECTED, Condition.DISPLAY_CONNECTED)
 """Conditions every VM has; TpmAvailable (useTpm) and QmpConnected (an orphan) only when
 they say something."""
@@ -98,8 +112,8 @@ class _Files:
         self.qmp = rt / "qmp.sock"
         self.qga = rt / "qga.sock"
         self.console = rt / "console.sock"
-        self.console_log = rt / "console.log"
-        self.stderr = rt / "qemu.log"
+        self.console_log = paths.log_file("console")
+        self.stderr = paths.log_file("qemu")
         self.swtpm_sock = rt / "swtpm.sock"
         self.swtpm_pid = rt / "swtpm.pid"
         self.swtpm_log = rt / "swtpm.log"
@@ -146,6 +160,7 @@ class VmSupervisor:
         self._displays = 0
         self._want_cpus_online = False
         self._console_offset = 0
+        self._tail_from = 0  # console.log offset where this qemu's output begins, if known
         self._secret_applied: tuple[str | None, str | None] | None = None
         self._fd_media: dict[str, str] = {}  # /dev/fdset/N -> the CD image passed as it
 
@@ -186,6 +201,24 @@ class VmSupervisor:
     @property
     def pid(self) -> int | None:
         return self._pid
+
+    @property
+    def boot_marker(self) -> str | None:
+        """Text on the serial console that means "booted": the runner's option, else the
+        document's ``runner.bootMarker`` (read at each start, so an applied one counts)."""
+        if self._boot_marker:
+            return self._boot_marker
+        return self.doc.runner.boot_marker if self.doc.runner is not None else None
+
+    def retarget(self, doc: VmDocument, paths: RunnerPaths, policy: HostPolicy) -> None:
+        """A stopped VM's next start uses this document, these paths and this policy (the
+        document may name another emulator; the manager may own other files now)."""
+        if self.state not in (VmState.STOPPED, VmState.CRASHED):
+            raise CorralError(f"VM {doc.name!r} is {self.state.value}: retarget needs it stopped")
+        self.doc = doc
+        self.paths = paths
+        self.policy = policy
+        self.files = _Files(paths)
 
     @property
     def agent(self) -> GuestAgent | None:
@@ -240,6 +273,9 @@ class VmSupervisor:
             self.status.conditions.pop(cond.value, None)
         self._set_state(VmState.STARTING)
         try:
+            busy = busy_ports(doc)
+            if busy:  # qemu would exit at once, and again on every retry
+                raise Conflict(f"VM {doc.name}: a host port it listens on is taken", busy)
             await self._prepare(doc)
             emulator = find_emulator(self.paths.emulator)
             accel = self._accel_override or resolve_accelerator(doc.vm.accelerator.value, emulator)
@@ -252,6 +288,7 @@ class VmSupervisor:
                 self.status.accelerator = accel
                 await self._start_swtpm(doc)
                 await self._spawn(argv, pass_fds=tuple(taps.values()))
+                self._tail_from = self._console_offset
             finally:
                 for fd in taps.values():
                     os.close(fd)
@@ -276,14 +313,38 @@ class VmSupervisor:
                 await self._monitor.execute("balloon", {"value": doc.vm.cur_ram})
             await self._monitor.execute("cont")
         except BaseException as exc:
-            await self._abort_start(exc)
-            raise
+            failure = self._start_failure(exc)
+            await self._abort_start(failure)
+            if failure is exc:
+                raise
+            raise failure from exc
         await self._refresh_live()
         self.status.cdrom = cdrom_media(doc)
         self._set_state(VmState.RUNNING, pid=self._pid)
 
+    def _start_failure(self, exc: BaseException) -> BaseException:
+        """A start that failed once qemu was spawned says what qemu said: its last stderr
+        lines (:meth:`_stderr_tail`) and how it exited join the error, and are its
+        ``stderr``. Other failures pass unchanged."""
+        if not isinstance(exc, QemuError) or self._pid is None or exc.stderr:
+            return exc
+        tail = self._stderr_tail()
+        if not tail:
+            return exc
+        how = ""
+        exited = self._exited
+        if exited is not None and exited.done() and not exited.cancelled():
+            info = exited.result()
+            how = (
+                f" (exit code {info.code})" if info.code is not None
+                else f" (signal {info.signal})" if info.signal is not None
+                else ""
+            )  # fmt: skip
+        return QemuError(f"{exc.message}{how}; qemu said:\n{tail}", exc.issues, stderr=tail)
+
     async def _abort_start(self, exc: BaseException) -> None:
-        self._event("StartFailed", error=str(exc), type=type(exc).__name__)
+        said = {"stderr": exc.stderr} if isinstance(exc, QemuError) and exc.stderr else {}
+        self._event("StartFailed", error=str(exc), type=type(exc).__name__, **said)
         self._stopping = True
         spawned = self._pid is not None
         for task in list(self._tasks):
@@ -371,7 +432,7 @@ class VmSupervisor:
             self._console_offset = 0
         loop = asyncio.get_running_loop()
         with open(self.files.stderr, "ab") as stderr:
-            stderr.write(f"--- {now_iso()} starting qemu\n".encode())
+            stderr.write(f"--- {now_iso()} starting qemu\n".encode())  # see _STARTING
             stderr.flush()
             try:
                 self._proc = await asyncio.create_subprocess_exec(
@@ -422,9 +483,13 @@ class VmSupervisor:
             self._pid = self.status.pid = pid
             self._proc = None
             self._exited = _watch_pid(pid)
+            # qemu makes its QMP socket within ms of starting: one seconds older than that
+            # without it never will (its runtime dir was deleted), so do not wait 10 s for it
+            age = process_age(pid)
+            patience = 10.0 if self.files.qmp.exists() or age is None else max(0.0, 5.0 - age)
             try:
                 self._monitor = await Monitor.connect(
-                    self.files.qmp, timeout=10, alive=self._exited
+                    self.files.qmp, timeout=patience, alive=self._exited
                 )
             except QemuError as exc:
                 if self._exited.done():
@@ -447,6 +512,7 @@ class VmSupervisor:
                 self._console_offset = self.files.console_log.stat().st_size
             except OSError:
                 self._console_offset = 0
+            self._tail_from = 0  # what it printed before this runner came is its too
             self._watch()
             run = await self._monitor.query_dict("query-status")
             if run.get("status") == "prelaunch" or run.get("status") == "paused":
@@ -520,8 +586,10 @@ class VmSupervisor:
         if self.doc.vm.guest_agent:
             self._agent = GuestAgent(self.files.qga)
             self._spawn_task(self._agent_loop())
-        if self._boot_marker:
+        if self.boot_marker:
             self._spawn_task(self._watch_console())
+        if self.doc.vm.boot_timeout > 0 and (self.doc.vm.guest_agent or self.boot_marker):
+            self._spawn_task(self._watch_boot(self.doc.vm.boot_timeout))
         self._spawn_task(self._rotate_logs())
         if self._swtpm is not None:
             self._spawn_task(self._watch_swtpm(self._swtpm))
@@ -668,14 +736,25 @@ class VmSupervisor:
         self._pid = None
         self._proc = None
 
-    def _stderr_tail(self, lines: int = 20) -> str:
+    def _stderr_tail(self) -> str:
+        """What qemu wrote last since it was last started (no line of an earlier run): at
+        most the last 20 lines and 4 KiB of qemu.log, made printable (qemu repeats strings
+        of the document and of the guest; :mod:`corral.printable`)."""
         try:
             with open(self.files.stderr, "rb") as f:
-                f.seek(max(0, f.seek(0, os.SEEK_END) - 16384))
-                text = f.read().decode(errors="replace")
+                end = f.seek(0, os.SEEK_END)
+                f.seek(max(0, end - _TAIL_BYTES))
+                data = f.read(_TAIL_BYTES)
         except OSError:
             return ""
-        return "\n".join(text.splitlines()[-lines:])
+        starts = list(_STARTING.finditer(data))
+        cut = not starts and end > _TAIL_BYTES
+        if starts:
+            data = data[starts[-1].end() :]
+        lines = printable(data.decode(errors="replace")).strip("\n").split("\n")
+        if cut and len(lines) <= _TAIL_LINES:
+            lines[0] = "…" + lines[0]  # the window began inside this line
+        return "\n".join(lines[-_TAIL_LINES:]).strip("\n")
 
     async def _agent_loop(self) -> None:
         agent = self._agent
@@ -717,7 +796,7 @@ class VmSupervisor:
     async def _watch_console(self) -> None:
         """Booted when the boot marker shows on the serial console: console.log is read in
         bounded chunks from where qemu started, across rotations."""
-        marker = (self._boot_marker or "").encode()
+        marker = (self.boot_marker or "").encode()
         log = LogFollower(self.files.console_log, self._console_offset)
         carry = b""  # the end of the last chunk: a marker may straddle two
         while not self.status.condition(Condition.BOOTED):
@@ -731,6 +810,55 @@ class VmSupervisor:
                 return
             carry = window[len(window) - len(marker) + 1 :] if len(marker) > 1 else b""
             await asyncio.sleep(0)
+
+    async def _watch_boot(self, limit: float) -> None:
+        """``Booted`` False with reason ``BootTimeout`` when the guest has not shown that it
+        booted (its agent answered, the boot marker showed) ``bootTimeout`` seconds after its
+        start, with the console's last lines as the condition's message and in event
+        ``BootTimeout`` (a firmware's fault, a boot loader's prompt, "No bootable device").
+        Only VMs with a way to know (an agent channel or a boot marker) are watched; one that
+        boots later still becomes Booted."""
+        await asyncio.sleep(limit)
+        if self._stopping or self.status.condition(Condition.BOOTED):
+            return
+        tail = self._console_tail()
+        way = "guest agent" if self.doc.vm.guest_agent else "boot marker"
+        if self.doc.vm.guest_agent and self.boot_marker:
+            way = "guest agent or boot marker"
+        message = f"no sign of a booted guest ({way}) within {limit:g}s" + (
+            f"; the console's last lines:\n{tail}" if tail else "; the console is empty"
+        )
+        self.status.report_condition(Condition.BOOTED, False, "BootTimeout", message)
+        self._event(
+            "ConditionChanged", condition=Condition.BOOTED.value, status=False,
+            reason="BootTimeout",
+        )  # fmt: skip
+        self._event("BootTimeout", timeout=limit, consoleTail=tail)
+        self._publish()
+
+    def _never_booted(self) -> bool:
+        """The guest gave no sign of booting within ``bootTimeout`` (and none since)."""
+        return (
+            not self.status.condition(Condition.BOOTED)
+            and self.status.condition_reason(Condition.BOOTED) == "BootTimeout"
+        )
+
+    def _console_tail(self) -> str:
+        """What the guest printed last on its serial console since it was started (for a VM
+        re-attached to, whatever is in console.log): at most
+        the last 20 non-empty lines and 4 KiB, terminal escape sequences dropped and the rest
+        made printable (it is the guest's text; :mod:`corral.printable`)."""
+        try:
+            with open(self.files.console_log, "rb") as f:
+                end = f.seek(0, os.SEEK_END)
+                since = self._tail_from if end >= self._tail_from else 0
+                f.seek(max(since, end - _TAIL_BYTES))
+                data = f.read(_TAIL_BYTES)
+        except OSError:
+            return ""
+        text = printable(_ESCAPES.sub("", data.decode(errors="replace")))
+        lines = [line.rstrip() for line in text.split("\n") if line.strip()]
+        return "\n".join(lines[-_TAIL_LINES:])
 
     async def _rotate_logs(self) -> None:
         """console.log (what the guest prints) and qemu.log, capped at the host policy's
@@ -996,35 +1124,61 @@ class VmSupervisor:
 
     async def stop(self, *, timeout: float | None = None) -> str:
         """Graceful stop; returns how it ended: powerdown, quit, kill (or already-stopped).
+        A guest that never showed it booted (``Booted`` False with reason ``BootTimeout``)
+        gets ACPI for :data:`UNBOOTED_GRACE` seconds instead of ``powerdownTimeout`` (event
+        ``PowerdownShortened``), then ``quit-unbooted``: a guest that cannot answer is not
+        waited for, one without an agent that did boot still powers down cleanly.
 
-        A :meth:`kill` while this waits for the guest aborts the wait at once: qemu gets
-        SIGKILL and this returns ``kill``. A qemu without QMP (an orphan) gets SIGTERM, qemu's
-        own clean quit, instead of an ACPI request."""
+        The ACPI request is repeated every :data:`POWERDOWN_REPEAT` seconds until the guest
+        powers off or ``powerdownTimeout`` runs out (event ``PowerdownRepeated``). A
+        :meth:`kill` while this waits for the guest aborts the wait at once: qemu gets SIGKILL
+        and this returns ``kill``. A qemu without QMP (an orphan) gets SIGTERM, qemu's own
+        clean quit, instead of an ACPI request.
+
+        ``status.stoppedBy`` is written *before* each step (powerdown, quit, kill), in the same
+        step that marks the stop: the exit watcher that reports Stopped when qemu goes away
+        may run at any await here, and always finds how the stop is ending, never null."""
         async with self._lock:
             if self.state in (VmState.STOPPED, VmState.CRASHED):
                 return "already-stopped"
-            self._stopping = True
-            self._restart_on_exit = False
-            self._kill_requested.clear()
-            self._set_state(VmState.STOPPING)
             exited = self._exited
             monitor = self._monitor
             assert exited is not None
+            self._stopping = True
+            self._restart_on_exit = False
+            self._kill_requested.clear()
             limit = self.doc.vm.powerdown_timeout if timeout is None else timeout
-            how = "quit"
-            if monitor is not None and not exited.done():
+            # a guest that never showed it booted gets a short grace, not the whole timeout:
+            # it may be a guest without an agent that did boot (ACPI still powers it down
+            # cleanly), or one with nothing in it to answer
+            unbooted = self._never_booted()
+            if unbooted and limit > UNBOOTED_GRACE:
+                self._event("PowerdownShortened", reason="NeverBooted", timeout=UNBOOTED_GRACE,
+                            powerdownTimeout=limit)  # fmt: skip
+                limit = UNBOOTED_GRACE
+            acpi = monitor is not None and limit > 0 and not exited.done()
+            how = "powerdown" if acpi else "quit"
+            self.status.stopped_by = how
+            self._set_state(VmState.STOPPING)
+            if acpi:
+                assert monitor is not None
                 try:
                     run = await monitor.query_dict("query-status")
-                    if run.get("status") == "running" and limit > 0:
+                    if run.get("status") == "running":
                         await monitor.execute("system_powerdown")
-                        self._event("PowerdownRequested", timeout=limit)
-                        how = await self._wait_powerdown(exited, limit)
+                        self._event(
+                            "PowerdownRequested", timeout=limit, repeatEvery=POWERDOWN_REPEAT
+                        )
+                        if await self._wait_powerdown(monitor, exited, limit) == "timeout":
+                            self._event("PowerdownTimeout", timeout=limit)
+                            how = "quit-unbooted" if unbooted else "quit"
+                    else:
+                        how = "quit"  # paused or shut down: no guest to ask
                 except QemuError as exc:
                     self._event("PowerdownFailed", error=str(exc))
-            if not exited.done() and not self._kill_requested.is_set():
-                if how != "powerdown" and monitor is not None:
-                    self._event("PowerdownTimeout", timeout=limit)
                     how = "quit"
+            if not exited.done() and not self._kill_requested.is_set():
+                self.status.stopped_by = how  # before the quit: the exit it causes says so
                 if monitor is not None:
                     with contextlib.suppress(QemuError):
                         await monitor.execute("quit", timeout=5)
@@ -1034,30 +1188,57 @@ class VmSupervisor:
                         os.kill(self._pid, signal.SIGTERM)
                 with contextlib.suppress(TimeoutError):
                     await asyncio.wait_for(asyncio.shield(exited), _QUIT_WAIT)
-            if not exited.done():
-                how = "kill"
+            if not exited.done() and not self._kill_requested.is_set():
+                self.status.stopped_by = "kill"
                 await self._kill_qemu()
-            if self._kill_requested.is_set():
-                how = "kill"
-            self.status.stopped_by = how
+            if self._kill_requested.is_set():  # kill() wrote stoppedBy before its SIGKILL
+                self.status.stopped_by = "kill"
+            how = self.status.stopped_by or how
         await self._finished.wait()
         return how
 
-    async def _wait_powerdown(self, exited: asyncio.Future[ExitInfo], limit: float) -> str:
+    async def _wait_powerdown(
+        self, monitor: Monitor, exited: asyncio.Future[ExitInfo], limit: float
+    ) -> str:
+        """Until the guest powers off (``powerdown``), qemu exits, :meth:`kill` is called
+        (``kill``) or ``limit`` seconds pass (``timeout``); the power button is pressed again
+        every :data:`POWERDOWN_REPEAT` seconds meanwhile (timers, not polling)."""
         shutdown: asyncio.Future[Any] = asyncio.ensure_future(self._shutdown_seen.wait())
         gone: asyncio.Future[Any] = asyncio.ensure_future(asyncio.shield(exited))
         killed: asyncio.Future[Any] = asyncio.ensure_future(self._kill_requested.wait())
+        loop = asyncio.get_running_loop()
+        deadline = loop.time() + limit
+        presses = 1
         try:
-            done, _ = await asyncio.wait(
-                {shutdown, gone, killed}, timeout=limit, return_when=asyncio.FIRST_COMPLETED
-            )
+            while True:
+                left = deadline - loop.time()
+                if left <= 0:
+                    return "timeout"
+                done, _ = await asyncio.wait(
+                    {shutdown, gone, killed},
+                    timeout=min(left, POWERDOWN_REPEAT),
+                    return_when=asyncio.FIRST_COMPLETED,
+                )
+                if done:
+                    break
+                if deadline - loop.time() <= 0:
+                    return "timeout"
+                presses += 1
+                try:
+                    await monitor.execute("system_powerdown")
+                except QemuError as exc:  # qemu going away: `gone` ends the wait
+                    self._event("PowerdownFailed", error=str(exc), attempt=presses)
+                else:
+                    self._event(
+                        "PowerdownRepeated",
+                        attempt=presses,
+                        remaining=round(max(0.0, deadline - loop.time()), 1),
+                    )
         finally:
             shutdown.cancel()
             gone.cancel()
             killed.cancel()
-        if self._kill_requested.is_set():
-            return "kill"
-        return "powerdown" if done else "timeout"
+        return "kill" if self._kill_requested.is_set() else "powerdown"
 
     async def _kill_qemu(self) -> None:
         pid = self._pid

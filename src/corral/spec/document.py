@@ -117,8 +117,9 @@ def issues_from_validation(
         if kind == "extra_forbidden":
             reason += _did_you_mean(model, loc)
         elif kind == "corral_rule":
-            if ctx.get("field"):
-                loc = (*loc, str(ctx["field"]))
+            if ctx.get("field"):  # "disks.1.bootindex" -> disks[1].bootindex
+                parts = str(ctx["field"]).split(".")
+                loc = (*loc, *(int(p) if p.isdigit() else p for p in parts))
             reason = str(ctx["reason"])
         elif kind == "string_pattern_mismatch":
             last = next((p for p in reversed(loc) if isinstance(p, str) and "[" not in p), "")

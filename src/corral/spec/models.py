@@ -26,6 +26,9 @@ from pydantic_core import PydanticCustomError
 from corral.spec.sizes import ByteSize, format_size
 
 __all__ = [
+    "DEFAULT_BOOT_TIMEOUT",
+    "DEFAULT_POWERDOWN_TIMEOUT",
+    "UEFI_KERNEL_MIN_RAM",
     "Accelerator",
     "BridgeNetwork",
     "CdromDisk",
@@ -51,6 +54,7 @@ __all__ = [
     "VmSpec",
     "VncDisplay",
     "is_remote_image",
+    "uefi_kernel_ram",
 ]
 
 DNS1123_LABEL = re.compile(r"^[a-z0-9]([-a-z0-9]{0,61}[a-z0-9])?$")
@@ -445,6 +449,42 @@ class Display(_Model):
 # --- the VM --------------------------------------------------------------------------------
 
 
+DEFAULT_POWERDOWN_TIMEOUT = 120
+"""Seconds ``stop`` waits for the guest to power off after the ACPI request (pressed again every
+10 s) before it quits qemu. VM-Operator's default is 900, for servers in a cluster; locally
+`corral stop` and a host shutdown would hang a quarter of an hour on a guest that ignores ACPI.
+A document that sets ``powerdownTimeout`` (``900`` keeps VM-Operator's behaviour) gets exactly
+that."""
+
+
+DEFAULT_BOOT_TIMEOUT = 300
+"""Seconds after start within which a guest must show that it booted (its guest agent answers,
+or the runner's boot marker shows on the serial console) before the runner reports
+``Booted=False`` with reason ``BootTimeout``. The tiny test guest boots in 5 s under TCG, a
+Debian cloud image in about a minute; 300 s leaves room for a slow TCG host."""
+
+UEFI_KERNEL_MIN_RAM = 192 * 1024**2
+"""The least ``maximumRam`` for direct kernel boot (``kernel``) through OVMF, whatever the
+kernel: see :func:`uefi_kernel_ram`."""
+
+
+def uefi_kernel_ram(kernel_bytes: int, initrd_bytes: int) -> int:
+    """The least ``maximumRam`` (bytes, whole MiB) with which OVMF boots this kernel and initrd
+    directly: 128Mi plus three times their size, and at least :data:`UEFI_KERNEL_MIN_RAM`.
+
+    OVMF copies both out of fw_cfg into guest RAM, and the kernel's EFI stub copies the initrd
+    and decompresses itself there again, all before Linux runs; short of RAM, OVMF faults
+    (a #GP or page-fault dump, "Can't find image information") or the stub fails ("Failed to
+    load initrd") and the guest never boots. Measured with OVMF 2022.11 and qemu 7.2 (q35, TCG):
+    the project's tiny guest (13.5 MiB kernel + 4.4 MiB initrd) crashes at 128Mi-152Mi and
+    boots from 153Mi; with the initrd 32/64/128 MiB larger it failed at 216/290/480 MiB and
+    booted at 278/374/566 MiB. Where it fails varies from boot to boot (the stub places the
+    kernel at a random address), hence the margin of the factor 3."""
+    need = 128 * 1024**2 + 3 * (kernel_bytes + initrd_bytes)
+    mib = -(-need // 1024**2)
+    return max(UEFI_KERNEL_MIN_RAM, mib * 1024**2)
+
+
 class VmSpec(_Model):
     """``spec.vm``: VM-Operator's fields plus what local use and Nomad's driver add."""
 
@@ -453,7 +493,14 @@ class VmSpec(_Model):
     use_tpm: bool = False
     firmware: Firmware = Firmware.UEFI
     boot_menu: bool = False
-    powerdown_timeout: int = Field(default=900, ge=0, le=86400)
+    powerdown_timeout: int = Field(default=DEFAULT_POWERDOWN_TIMEOUT, ge=0, le=86400)
+    boot_timeout: int = Field(
+        default=DEFAULT_BOOT_TIMEOUT,
+        ge=0,
+        le=86400,
+        description="seconds the guest has to show it booted (guest agent or boot marker) "
+        "before Booted is False with reason BootTimeout; 0: no bound",
+    )
     cpu_model: Annotated[str, Field(pattern=_CPU_MODEL.pattern)] | None = None
     cpu_features: list[Annotated[str, Field(pattern=_CPU_FEATURE.pattern)]] = Field(
         default_factory=list
@@ -515,6 +562,22 @@ class VmSpec(_Model):
                 raise _field_error("currentRam", "must be at least 64Mi")
         if (self.initrd is not None or self.cmdline is not None) and self.kernel is None:
             raise _field_error("kernel", "initrd and cmdline need a kernel for direct boot")
+        if self.kernel is not None and self.machine is not MachineType.MICROVM:
+            if self.firmware.is_uefi and self.maximum_ram < UEFI_KERNEL_MIN_RAM:
+                raise _field_error(
+                    "maximumRam",
+                    f"must be at least {format_size(UEFI_KERNEL_MIN_RAM)} for direct kernel "
+                    f"boot with firmware {self.firmware.value}: OVMF loads the kernel and "
+                    "initrd into guest RAM first and faults with less (an exception dump on the "
+                    "console), so the guest never boots; or use firmware: bios",
+                )
+            for i, disk in enumerate(self.disks):
+                if disk.bootindex == 0:
+                    raise _field_error(
+                        f"disks.{i}.bootindex",
+                        "0 is the kernel's: qemu gives direct kernel boot (kernel) bootindex 0 "
+                        "and refuses to start with a second one; use 1 or more",
+                    )
         if self.machine is MachineType.MICROVM:
             if self.kernel is None:
                 raise _field_error("kernel", "a microvm has no firmware disk boot; give a kernel")
