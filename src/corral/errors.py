@@ -13,7 +13,9 @@ field path for validation errors.
      │    ├── Forbidden       an API client asked for a host resource the policy keeps
      │    └── CapacityError   the host has no room for it now (CPU/RAM overcommit limits)
      ├── NotFound             a named VM, image or file does not exist
-     ├── Conflict             a stale resourceVersion, a duplicate name, a busy resource
+     ├── Conflict             a duplicate name, a busy resource (a taken host port)
+     │    └── VersionConflict a stale resourceVersion, or another writer in between: read
+     │                        the VM again and retry
      ├── HostError            the host lacks something (qemu binary, OVMF, swtpm, a tool)
      ├── QemuError            qemu failed to start or answered a command with an error
      ├── Unauthorized         no bearer token, or a wrong one (TCP API)
@@ -41,6 +43,7 @@ __all__ = [
     "StoreUnavailable",
     "Timeout",
     "Unauthorized",
+    "VersionConflict",
 ]
 
 
@@ -126,6 +129,12 @@ class NotFound(CorralError):
 class Conflict(CorralError):
     status = 409
     problem_type = "urn:corral:conflict"
+
+
+class VersionConflict(Conflict):
+    """The VM changed since the resourceVersion the writer read (a stale version, or another
+    writer in between): the one conflict a read-modify-write retries on. Any other
+    :class:`Conflict` (a taken port, a duplicate name) would only repeat."""
 
 
 class HostError(CorralError):

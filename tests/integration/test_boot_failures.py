@@ -100,8 +100,9 @@ async def test_no_boot_device_times_out_with_the_console_tail_and_stops_at_once(
     assert sup.state is VmState.STOPPED
     assert sup.status.stopped_by == "quit-unbooted"
     names = vm.event_names()
-    # ACPI for the short grace (a booted guest without an agent could still answer), then quit
-    assert "PowerdownShortened" in names and "PowerdownTimeout" in names
+    assert "PowerdownSkipped" in names and "PowerdownRequested" not in names
+    (skipped,) = [e for e in vm.events if e["event"] == "PowerdownSkipped"]
+    assert skipped["evidence"], skipped  # the firmware's own line that proves it
     assert qemu_pids("bf-noboot") == []
 
 
@@ -117,6 +118,33 @@ async def test_a_guest_that_boots_in_time_is_not_timed_out(vm: Vm, tiny_guest: A
     assert sup.status.condition(Condition.BOOTED)
     assert "BootTimeout" not in vm.event_names()
     assert await sup.stop() == "powerdown"  # a booted guest still gets its ACPI request
+
+
+async def test_a_booted_guest_without_a_sign_is_still_powered_down_and_restarts_clean(
+    vm: Vm, tiny_guest: Any
+) -> None:
+    """A guest that boots but gives no sign corral knows (no agent, a marker it never prints:
+    a desktop image without qemu-guest-agent) is reported BootTimeout, yet a stop must not
+    quit it: nothing proves it cannot answer ACPI, and quitting a running OS loses data. A
+    restart then starts with a clean Booted condition (no BootTimeout of the last run)."""
+    sup = vm.make(tiny_doc(tiny_guest, "bf-silent", guestAgent=False, bootTimeout=8))
+    sup._boot_marker = "A-MARKER-THIS-GUEST-NEVER-PRINTS"
+    await sup.start()
+    await wait_until(
+        lambda: sup.status.condition_reason(Condition.BOOTED) == "BootTimeout", 60, "BootTimeout",
+        sup,
+    )  # fmt: skip
+    console = sup.files.console_log
+    await wait_until(lambda: b"CORRAL-GUEST-READY" in console.read_bytes(), 120, "booted", sup)
+
+    assert await sup.stop() == "powerdown"
+    assert sup.status.stopped_by == "powerdown"
+    assert "PowerdownSkipped" not in vm.event_names()
+
+    await sup.start()
+    booted = sup.status.to_json()["conditions"]["Booted"]  # type: ignore[index]
+    assert booted["reason"] == "Starting" and "message" not in booted, booted
+    await sup.stop(timeout=0)
 
 
 # --- a host port already taken --------------------------------------------------------------

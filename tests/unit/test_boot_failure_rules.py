@@ -223,3 +223,41 @@ def test_ports_overlap_on_the_same_address_or_a_wildcard() -> None:
     assert not a.overlaps(HostPort("y", "udp", "127.0.0.1", 2222))
     assert not a.overlaps(HostPort("y", "tcp", "127.0.0.2", 2222))
     assert not a.overlaps(HostPort("y", "tcp", "127.0.0.1", 2223))
+
+
+# --- what proves a guest cannot answer ACPI (the stop shortcut) -----------------------------
+
+
+@pytest.mark.parametrize(
+    "tail",
+    [
+        "SeaBIOS (version 1.16.2-debian-1.16.2-1)\nBooting from Hard Disk...\nBoot failed: not a "
+        "bootable disk\n\nNo bootable device.",
+        'BdsDxe: failed to load Boot0001 "UEFI QEMU DVD-ROM QM00003 " from PciRoot(0x0): Not '
+        "Found\nBdsDxe: No bootable option or device was found.",
+        "UEFI Interactive Shell v2.2\nEDK II\nPress ESC in 1 seconds to skip startup.nsh\nShell>",
+        "!!!! X64 Exception Type - 0E(#PF - Page-Fault)  CPU Apic ID - 00000000 !!!!",
+        "Can't find image information.",
+        "[    1.234] Kernel panic - not syncing: VFS: Unable to mount root fs",
+    ],
+)
+def test_firmware_and_kernel_failures_prove_nothing_answers_acpi(tail: str) -> None:
+    from corral.runner.supervisor import boot_failure
+
+    assert boot_failure(tail)
+
+
+@pytest.mark.parametrize(
+    "tail",
+    [
+        "",
+        "Debian GNU/Linux 12 host ttyS0\n\nhost login:",
+        "Welcome to Ubuntu 24.04 LTS\nubuntu@vm:~$",
+        "a user typed Shell> into a program",  # not the UEFI shell's own prompt line
+        "Windows Boot Manager",
+    ],
+)
+def test_a_running_os_or_silence_is_no_proof(tail: str) -> None:
+    from corral.runner.supervisor import boot_failure
+
+    assert boot_failure(tail) is None

@@ -192,6 +192,70 @@ def test_rich_table_only_on_a_real_terminal() -> None:
     assert plain == "NAME   STATE\nweb1   Running\n"
 
 
+NASTY = "x\x1b]0;owned\x07\u009b2J\u202egnp.exe\u0085y"  # OSC, C1 CSI, bidi, NEL
+SHOWN = "x^[]0;owned^G\\x9b2J\\u202egnp.exe\\x85y"
+
+
+def read_pty(write: Any) -> str:
+    """What ``write(tty)`` puts on a pseudo-terminal (os.openpty)."""
+    master, slave = pty.openpty()
+    try:
+        with open(slave, "w", encoding="utf-8", closefd=False) as tty:
+            write(tty)
+        os.set_blocking(master, False)
+        got = b""
+        deadline = time.monotonic() + 5
+        while b"end" not in got and time.monotonic() < deadline:
+            try:
+                got += os.read(master, 65536)
+            except BlockingIOError:
+                time.sleep(0.01)
+    finally:
+        os.close(slave)
+        os.close(master)
+    return got.decode()
+
+
+def test_the_daemons_text_is_shown_not_obeyed_in_every_format() -> None:
+    """Cells, stream rows, names and show lines may quote a guest or qemu (an event's error,
+    a condition's message): control characters are shown (corral.printable); JSON and YAML
+    escape them and keep the value."""
+    item = {"id": 1, "vm": "web1", "event": NASTY}
+    cols: list[Column[dict[str, Any]]] = [Column("EVENT", lambda e: e["event"], width=8)]
+    assert printed(table, ["EVENT"], [[NASTY]]).splitlines()[1] == SHOWN
+    assert printed(show_items, [item], "name", columns=cols, name=lambda e: e["event"]) == (
+        SHOWN + "\n"
+    )
+    assert printed(show_stream, iter([item]), "table", columns=cols, name=str).splitlines()[1] == (
+        SHOWN
+    )
+    assert printed(show_stream, iter([item]), "name", columns=cols, name=lambda e: e["event"]) == (
+        SHOWN + "\n"
+    )
+    assert printed(show_object, item, "table", name="web1", text=lambda w: [NASTY]) == SHOWN + "\n"
+    assert printed(show_object, item, "name", name=[NASTY], text=lambda w: []) == SHOWN + "\n"
+    for output in ("json", "yaml"):
+        listed = printed(show_items, [item], output, columns=cols, name=str)
+        streamed = printed(show_stream, iter([item]), output, columns=cols, name=str)
+        shown = printed(show_object, item, output, name="web1", text=lambda w: [])
+        for text in (listed, streamed, shown):
+            assert text.isascii(), (output, text)  # every control escaped, none sent
+        assert yaml.safe_load(listed) == {"items": [item]}  # YAML reads JSON too
+        assert yaml.safe_load(streamed) == item and yaml.safe_load(shown) == item
+    # YAML keeps text that is only non-ASCII as it is written
+    assert "café" in printed(show_object, {"d": "café"}, "yaml", name="x", text=lambda w: [])
+
+
+def test_a_rich_table_reads_no_markup_or_escapes_from_a_cell() -> None:
+    """On a terminal a cell's ``[link=...]`` stays text (rich would make it an OSC 8
+    hyperlink) and its escape sequences are shown (rich passes an OSC through)."""
+    cell = "[link=http://x.test]click[/link]" + NASTY
+    text = read_pty(lambda tty: table(["EVENT"], [[cell], ["end"]], file=tty))
+    assert "[link=http://x.test]click[/link]x^[]0;owned^G" in text, repr(text)
+    for sent in ("\x1b]8;", "\x1b]0;", "\x07", "\u009b", "\u202e", "\u0085"):
+        assert sent not in text, (sent, repr(text))
+
+
 # --- through the CLI ---------------------------------------------------------------------------
 
 DOC = """\

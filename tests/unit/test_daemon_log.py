@@ -4,6 +4,7 @@ into a stream; datagrams on real AF_UNIX sockets, a path and an abstract name.""
 
 from __future__ import annotations
 
+import asyncio
 import io
 import json
 import logging
@@ -128,6 +129,88 @@ def test_text_format_and_auto(log_stream: io.StringIO) -> None:
     logging.getLogger("corral.daemon").info("again")
     assert json.loads(auto.getvalue())["message"] == "again"
     assert log_stream.getvalue().count("\n") == 1, "the second configure replaced the handler"
+
+
+CONSOLE_TEXT = "root password: Zq9-cloud-init-generated"  # what a console can show
+QEMU_WORDS = "qemu-system-x86_64: -drive file=/srv/secret-name.qcow2: Could not open"
+
+
+async def test_events_are_logged_without_what_a_guest_or_qemu_wrote(
+    log_stream: io.StringIO, tmp_path: Path
+) -> None:
+    """A runner's events (the backend's callback, as a runner sends them) reach the log with
+    their kind, VM and short fields, never the console's or qemu's text: the journal is read
+    by more people (group adm) than the root-only console log."""
+    from corral.manager import Manager, ManagerConfig
+    from corral.spec import HostPolicy
+
+    configure_logging("json", "info", log_stream)
+    doc = {"metadata": {"name": "a"}, "spec": {"vm": {"maximumRam": "256Mi", "state": "Stopped"}}}
+    async with Manager(ManagerConfig(state_dir=tmp_path / "state"), policy=HostPolicy()) as m:
+        await m.create(doc)
+        m._on_event("a", {"event": "BootTimeout", "timeout": 15, "consoleTail": CONSOLE_TEXT})
+        m._on_event(
+            "a",
+            {
+                "event": "StartFailed",
+                "error": f"qemu did not start (exit code 1); qemu said:\n{QEMU_WORDS}",
+                "type": "QemuError",
+                "stderr": QEMU_WORDS,
+            },
+        )
+        m._on_event(
+            "a",
+            {
+                "event": "StateChanged",
+                "state": "Stopped",
+                "previous": "Running",
+                "exit": {"code": 1, "stderr": f"{QEMU_WORDS}\n{CONSOLE_TEXT}"},
+            },
+        )
+        said = f"x failed; qemu said:\n{CONSOLE_TEXT}"
+        m._on_event("a", {"event": "Noted", "message": CONSOLE_TEXT, "errors": [said]})
+        for _ in range(100):  # the store is written off the event loop
+            stored = {e.kind: e.data for e in m.events("a")}
+            if "Noted" in stored:
+                break
+            await asyncio.sleep(0.05)
+    text = log_stream.getvalue()
+    for words in ("Zq9-cloud-init-generated", "secret-name.qcow2"):
+        assert words not in text, text
+    got = {str(r["message"]): r for r in lines(log_stream) if r["logger"] == "corral.events"}
+    assert got["BootTimeout"]["vm"] == "a" and got["BootTimeout"]["timeout"] == 15
+    assert "consoleTail" not in got["BootTimeout"]
+    failed = got["StartFailed"]
+    assert failed["error"] == "qemu did not start (exit code 1); qemu said: [...]"
+    assert (failed["type"], failed["level"]) == ("QemuError", "warning")
+    assert got["StateChanged"]["exit"] == {"code": 1}
+    assert got["StateChanged"]["state"] == "Stopped"
+    assert got["Noted"]["errors"] == ["x failed; qemu said: [...]"]
+    # the events themselves keep every word (corral events, GET /v1/events)
+    assert stored["BootTimeout"]["consoleTail"] == CONSOLE_TEXT
+    assert stored["StartFailed"]["stderr"] == QEMU_WORDS
+
+
+@pytest.mark.parametrize("fmt", ["json", "text"])
+def test_no_control_character_reaches_a_terminal(log_stream: io.StringIO, fmt: str) -> None:
+    """C0/C1 controls and bidi overrides in a message, a field or an exception (uvicorn logs
+    request paths, libraries log what they were given) are escaped or shown, never sent."""
+    configure_logging(fmt, "info", log_stream)  # type: ignore[arg-type]
+    nasty = "a\x1b]0;owned\x07b\u009b2Jc\u202ed\u0085e"
+    log = logging.getLogger("corral.test")
+    log.info("path %s", nasty, extra={"fields": {"detail": nasty}})
+    try:
+        raise ValueError(nasty)
+    except ValueError:
+        log.exception("boom")
+    text = log_stream.getvalue()
+    for char in ("\x1b", "\x07", "\u009b", "\u202e", "\u0085"):
+        assert char not in text, (fmt, repr(char))
+    if fmt == "json":
+        assert text.isascii()
+        assert json.loads(text.splitlines()[0])["detail"] == nasty  # escaped, not lost
+    else:
+        assert "a^[]0;owned^Gb\\x9b2Jc\\u202ed\\x85e" in text, text
 
 
 def receive(sock: socket.socket) -> list[str]:

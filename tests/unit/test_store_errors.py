@@ -173,3 +173,57 @@ async def test_write_back_keeps_records_while_locked_and_writes_them_in_order(
     finally:
         await wb.close()
         store.close()
+
+
+async def test_write_back_close_never_stores_a_batch_twice(tmp_path: Path) -> None:
+    """close() while a batch is on the store's writer thread (waiting for a lock another
+    process holds, then committing once it is let go): that batch is stored once, not again
+    by close()'s last try (review of 8d5345c, item 9)."""
+    db = tmp_path / "s.db"
+    store = Store(db, busy_timeout=3.0)
+    store.create(parse_document(vm("a")))
+    wb = WriteBack(store, lambda _: None, lambda _: None)
+    try:
+        with locked(db):
+            wb.event("a", "Once", {})
+            await asyncio.sleep(0.3)  # the drain's batch now waits for the lock, on the thread
+            closing = asyncio.ensure_future(wb.close())
+            await asyncio.sleep(0.3)
+        assert await asyncio.wait_for(closing, 10) == 0
+        assert [e.kind for e in store.events("a")] == ["Once"]
+    finally:
+        store.close()
+
+
+async def test_patch_retries_only_a_stale_version_not_a_taken_port(tmp_path: Path) -> None:
+    """A patch without resourceVersion merges again after another writer (a
+    :class:`VersionConflict`), but a taken host port (another :class:`Conflict`) would only
+    repeat: it is the caller's answer at once, naming the field (review of 8d5345c, item 4)."""
+    import socket
+
+    from corral.errors import Conflict, VersionConflict
+
+    field = "spec.vm.networks[0].user.portForwards[0].hostPort"
+    config = ManagerConfig(state_dir=tmp_path / "state")
+    with socket.socket() as held:
+        held.bind(("127.0.0.1", 0))
+        held.listen()
+        port = int(held.getsockname()[1])
+        doc = vm("pt-a")
+        doc["spec"]["vm"]["networks"] = [
+            {"user": {"portForwards": [{"hostPort": port, "guestPort": 22}]}}
+        ]
+        async with Manager(config, policy=HostPolicy()) as m:
+            first = await m.create(doc)
+            await m.patch("pt-a", {"metadata": {"labels": {"x": "1"}}})
+            with pytest.raises(VersionConflict, match="resourceVersion"):  # a stale version
+                m.store.replace(first.document, first.resource_version)
+            begun = time.monotonic()
+            with pytest.raises(Conflict) as caught:
+                await m.patch("pt-a", {"spec": {"vm": {"state": "Running"}}})
+            assert time.monotonic() - begun < 1
+            assert not isinstance(caught.value, VersionConflict)
+            assert "changes too fast" not in str(caught.value)
+            assert [i.loc for i in caught.value.issues] == [field]
+            assert f"127.0.0.1:{port} is taken on this host" in str(caught.value)
+            assert m.get("pt-a").desired == "Stopped"

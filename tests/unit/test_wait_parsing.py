@@ -9,7 +9,7 @@ import pytest
 
 from corral.cli.progress import Progress, _Phase, run_each
 from corral.cli.vms import restart, start, stop
-from corral.errors import NotFound, SpecError
+from corral.errors import FieldIssue, NotFound, QemuError, SpecError
 from corral.manager.waits import WaitTarget
 
 
@@ -112,3 +112,45 @@ def test_each_vm_is_acted_on_and_reported_past_one_error(
     assert failed == ["b"]
     assert sorted(out.splitlines()) == ["vm/a ok", "vm/c ok"]
     assert err == "error: VM 'b' not found\n"
+
+
+QEMU_ERROR = (
+    "qemu did not start; qemu said:\n\x1b]52;c;cm0gLXJmIH4=\x07\x1b[2J\u009b6n\u202etxt.exe"
+)
+
+
+def test_parallel_errors_are_shown_not_obeyed(capsys: pytest.CaptureFixture[str]) -> None:
+    """An error of a parallel start/stop/wait quotes qemu or a guest: printed as the CLI's own
+    ``error:`` line is (corral.printable), never as escape sequences a terminal obeys."""
+
+    def one(name: str) -> dict[str, object]:
+        raise QemuError(QEMU_ERROR, [FieldIssue("spec.vm", "bad\x1b[31m \u0085")])
+
+    progress = Progress(None, ["a"], enabled=False)  # type: ignore[arg-type]
+    assert run_each(["a"], one, lambda name, vm: f"vm/{name} ok", progress) == ["a"]
+    err = capsys.readouterr().err
+    assert err == (
+        "error: qemu did not start; qemu said:\n^[]52;c;cm0gLXJmIH4=^G^[[2J\\x9b6n\\u202etxt.exe\n"
+        "  spec.vm: bad^[[31m \\x85\n"
+    )
+
+
+def test_the_phase_display_shows_the_daemons_words_as_text() -> None:
+    """A state the daemon reports goes on a spinner line as plain text: no rich markup (a
+    ``[link=...]`` would become an OSC 8 hyperlink) and no control character."""
+    from rich.console import Console
+
+    progress = Progress(None, ["web1"], enabled=False)  # type: ignore[arg-type]
+    phase = progress._phases["web1"] = _Phase()
+    phase.on_event(
+        {"event": "StateChanged", "state": "[link=http://x.test]Running[/link]\x1b]0;t\x07"}
+    )
+    out = io.StringIO()
+    console = Console(file=out, force_terminal=True, width=200)
+    console.print(progress._render())
+    progress._phases["web1"].on_event({"event": "StateChanged", "state": "[b]again\u009b[/b]"})
+    console.print(progress._render())  # the spinner is updated, not made anew
+    text = out.getvalue()
+    assert "[link=http://x.test]Running[/link]^[]0;t^G" in text, repr(text)
+    assert "[b]again\\x9b[/b]" in text, repr(text)
+    assert "\x1b]8;" not in text and "\x1b]0;" not in text and "\u009b" not in text

@@ -9,6 +9,12 @@ A command says what its rows (a list: :func:`show_items`, :func:`show_stream`) o
 * ``json``/``yaml``: the API's own document (a list as ``{"items": [...]}``; a stream as one
   JSON object per line, or YAML documents separated by ``---``);
 * ``name``: one bare name per line (``corral list -o name | xargs corral stop``).
+
+What the daemon sends may quote a guest or qemu (an error, a console's last lines), so nothing
+reaches the terminal as a control character: table cells, names and ``show`` lines are made
+printable (:mod:`corral.printable`), rich reads no markup in them, JSON escapes every
+non-ASCII character and YAML escapes what is not printable (a bidi override or ``U+0085``,
+which YAML counts as printable, makes the whole document ASCII).
 """
 
 from __future__ import annotations
@@ -21,6 +27,8 @@ from datetime import UTC, datetime
 from typing import IO, Any, Generic, TypeVar
 
 import click
+
+from corral.printable import printable
 
 __all__ = [
     "FORMATS",
@@ -78,8 +86,19 @@ def _is_tty(file: IO[str]) -> bool:
 
 
 def _cell(value: object) -> str:
-    text = "" if value is None else str(value)
+    text = "" if value is None else printable(str(value))
     return text if text else "-"
+
+
+def _yaml(data: object, **options: Any) -> str:
+    """YAML with non-ASCII text as written, unless some of it would drive a terminal: YAML
+    writes U+0085 and the bidi overrides raw (its "printable"), so then all is escaped."""
+    import yaml
+
+    text = str(yaml.safe_dump(data, sort_keys=False, allow_unicode=True, **options))
+    if printable(text) != text:
+        text = str(yaml.safe_dump(data, sort_keys=False, allow_unicode=False, **options))
+    return text
 
 
 def emit(data: object, output: str, *, file: IO[str] | None = None) -> None:
@@ -88,10 +107,7 @@ def emit(data: object, output: str, *, file: IO[str] | None = None) -> None:
     if output == "json":
         click.echo(json.dumps(data, indent=2, sort_keys=False, default=str), file=out)
     else:
-        import yaml
-
-        text = yaml.safe_dump(data, sort_keys=False, default_flow_style=False, allow_unicode=True)
-        click.echo(text.rstrip(), file=out)
+        click.echo(_yaml(data, default_flow_style=False).rstrip(), file=out)
 
 
 def table(
@@ -104,12 +120,13 @@ def table(
         from rich import box
         from rich.console import Console
         from rich.table import Table
+        from rich.text import Text
 
         t = Table(box=box.SIMPLE_HEAD, show_edge=False, pad_edge=False)
         for h in headers:
             t.add_column(h, overflow="fold")
         for row in cells:
-            t.add_row(*row)
+            t.add_row(*(Text(c) for c in row))  # a cell's "[link=...]" is text, not markup
         Console(file=out, soft_wrap=True).print(t)
         return
     widths = [max([len(h), *(len(r[i]) for r in cells)]) for i, h in enumerate(headers)]
@@ -140,7 +157,7 @@ def show_items(
         emit({"items": list(items)} if document is None else document, output, file=out)
     elif output == "name":
         for item in items:
-            click.echo(str(name(item)), file=out)
+            click.echo(printable(str(name(item))), file=out)
     else:
         shown = _columns(columns, output)
         table([c.header for c in shown], [[c.value(i) for c in shown] for i in items], file=out)
@@ -166,12 +183,9 @@ def show_stream(
         if output == "json":
             click.echo(json.dumps(item, default=str), file=out)
         elif output == "yaml":
-            import yaml
-
-            text = yaml.safe_dump(item, sort_keys=False, allow_unicode=True).rstrip()
-            click.echo(("" if first else "---\n") + text, file=out)
+            click.echo(("" if first else "---\n") + _yaml(item).rstrip(), file=out)
         elif output == "name":
-            click.echo(str(name(item)), file=out)
+            click.echo(printable(str(name(item))), file=out)
         else:
             click.echo(_plain_row([_cell(c.value(item)) for c in shown], widths), file=out)
         first = False
@@ -192,18 +206,16 @@ def show_object(
         emit(obj, output, file=out)
     elif output == "name":
         for one in name if isinstance(name, list | tuple) else [name]:
-            click.echo(str(one), file=out)
+            click.echo(printable(str(one)), file=out)
     else:
         for line in text(output == "wide"):
-            click.echo(line, file=out)
+            click.echo(printable(line), file=out)
 
 
 def details(pairs: Iterable[tuple[str, object]]) -> list[str]:
     """``Key:   value`` lines, the values aligned (``corral show``, ``corral host info``); a
     value of several lines goes on indented under its first. Values are made printable
     (:mod:`corral.printable`): some repeat what qemu or a guest wrote."""
-    from corral.printable import printable
-
     listed = list(pairs)
     width = max((len(k) for k, _ in listed), default=0) + 2
     return [

@@ -214,6 +214,9 @@ class Progress:
     def _render(self) -> RenderableType:
         from rich.console import Group
         from rich.spinner import Spinner
+        from rich.text import Text
+
+        from corral.printable import printable
 
         now = time.monotonic()
         width = max((len(n) for n in self._names), default=0)
@@ -223,7 +226,7 @@ class Progress:
                 phase = self._phases.get(name)
                 if phase is None:
                     continue
-                text = f"{name:<{width}}  {phase.text(now)}"
+                text = Text(printable(f"{name:<{width}}  {phase.text(now)}"))  # no markup
                 spinner = self._spinners.get(name)
                 if spinner is None:
                     spinner = self._spinners[name] = Spinner("dots", text)
@@ -279,5 +282,9 @@ def run_each(
 
 
 def error_text(exc: CorralError) -> str:
-    """The CLI's one-error form: ``error: message`` and an indented line per field issue."""
-    return "\n".join([f"error: {exc.message}", *(f"  {issue}" for issue in exc.issues)])
+    """The CLI's one-error form: ``error: message`` and an indented line per field issue,
+    printable (as :mod:`corral.cli.main` prints an error): an error may quote qemu or a guest."""
+    from corral.printable import printable
+
+    lines = [f"error: {exc.message}", *(f"  {issue}" for issue in exc.issues)]
+    return "\n".join(printable(line) for line in lines)

@@ -23,6 +23,7 @@ from corral.cli.output import (
     vm_name,
     vm_row,
 )
+from corral.printable import printable
 
 if TYPE_CHECKING:
     from corral.client import Client
@@ -82,11 +83,11 @@ def apply(ctx: click.Context, files: tuple[str, ...], adopt: str | None) -> None
         vm = _observed(c, vm) if verb == "configured" else vm
         status = vm.get("status") or {}
         waits = ", ".join(status.get("pendingRestart") or [])
-        click.echo(f"vm/{vm['metadata']['name']} {verb}{adopted}"
-                   + (f"; waits for a restart: {waits}" if waits else ""))  # fmt: skip
+        click.echo(printable(f"vm/{vm['metadata']['name']} {verb}{adopted}"
+                   + (f"; waits for a restart: {waits}" if waits else "")))  # fmt: skip
         if status.get("configError"):
-            click.echo(f"warning: vm/{vm['metadata']['name']}: not applied live: "
-                       f"{status['configError']}", err=True)  # fmt: skip
+            click.echo(printable(f"warning: vm/{vm['metadata']['name']}: not applied live: "
+                       f"{status['configError']}"), err=True)  # fmt: skip
 
 
 def _observed(c: Any, vm: dict[str, Any], timeout: float = 10.0) -> dict[str, Any]:

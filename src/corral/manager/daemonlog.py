@@ -13,6 +13,15 @@ console's ``?access_token=``) and values of fields or query parameters named lik
 token or secret, and the password of a ``scheme://user:password@`` URL, are replaced by
 ``***`` before a record is formatted. Cloud-init data and
 display passwords never reach a log call in the first place.
+
+No guest's or qemu's words in the log either: the log (the journal) is readable by more people
+than a VM's console log, and a console can show what cloud-init generated (a password). An
+event is logged by :func:`event_fields`: its kind, VM and short fields; the text a guest or qemu
+wrote (``consoleTail``, ``stderr``, a condition's ``message``, the ``qemu said:`` lines after an
+error's first line) only in the event itself (``corral events``). Both formats print only
+printable text: JSON escapes every non-ASCII character, text shows control characters
+(:mod:`corral.printable`: an ``ESC``, a C1 ``CSI``, a bidi override) instead of sending them to a
+terminal.
 """
 
 from __future__ import annotations
@@ -25,7 +34,9 @@ from collections.abc import Mapping
 from datetime import UTC, datetime
 from typing import IO, Literal
 
-__all__ = ["LEVELS", "LogFormat", "configure_logging", "redact"]
+from corral.printable import printable
+
+__all__ = ["LEVELS", "LogFormat", "configure_logging", "event_fields", "redact"]
 
 LogFormat = Literal["auto", "json", "text"]
 LEVELS = ("debug", "info", "warning", "error")
@@ -42,6 +53,8 @@ _SECRETS = [
     (re.compile(r"(\b[a-z][a-z0-9+.-]*://[^/\s:@]*:)[^@\s/]*@"), r"\1***@"),  # URL user:pass@
 ]  # fmt: skip
 _HANDLER_NAME = "corral-daemon"
+_GUEST_TEXT = frozenset({"consoleTail", "stderr", "message"})  # what a guest or qemu wrote
+_FIELD_CHARS = 200
 
 
 def redact(text: str) -> str:
@@ -49,6 +62,25 @@ def redact(text: str) -> str:
     for pattern, replacement in _SECRETS:
         text = pattern.sub(replacement, text)
     return text
+
+
+def event_fields(data: Mapping[str, object]) -> dict[str, object]:
+    """An event's fields as the daemon logs them: without the text a guest or qemu wrote
+    (fields named in ``_GUEST_TEXT``, at any depth), a string cut to its first line (an error
+    says what failed there; ``qemu said:`` and qemu's lines follow) and ``_FIELD_CHARS``."""
+    return {str(k): _short(v) for k, v in data.items() if str(k) not in _GUEST_TEXT}
+
+
+def _short(value: object) -> object:
+    if isinstance(value, str):
+        line = value.split("\n", 1)[0]
+        cut = line != value or len(line) > _FIELD_CHARS
+        return line[:_FIELD_CHARS] + " [...]" if cut else line
+    if isinstance(value, Mapping):
+        return event_fields(value)
+    if isinstance(value, list | tuple):
+        return [_short(v) for v in value]
+    return value
 
 
 def _clean(key: str, value: object) -> object:
@@ -101,7 +133,7 @@ class JsonFormatter(logging.Formatter):
             line.setdefault(key, value)
         if record.exc_info:
             line["exception"] = redact(self.formatException(record.exc_info))
-        return json.dumps(line, default=str, ensure_ascii=False)
+        return json.dumps(line, default=str)  # ASCII: no control character reaches a terminal
 
 
 class TextFormatter(logging.Formatter):
@@ -114,7 +146,7 @@ class TextFormatter(logging.Formatter):
         text += f" {fields}" if fields else ""
         if record.exc_info:
             text += "\n" + redact(self.formatException(record.exc_info))
-        return text
+        return printable(text)  # for a terminal: controls shown, not obeyed
 
 
 def configure_logging(

@@ -31,6 +31,7 @@ import contextlib
 import copy
 import logging
 import os
+import re
 import time
 from collections.abc import (
     AsyncGenerator,
@@ -53,12 +54,14 @@ from corral.errors import (
     CorralError,
     FieldIssue,
     Forbidden,
+    HostError,
     NotFound,
     PolicyError,
     QemuError,
     SpecError,
     StoreUnavailable,
     Timeout,
+    VersionConflict,
 )
 from corral.host.atomic import ensure_private_dir
 from corral.host.consolelog import LogFollower, log_exists, read_spans, tail_spans
@@ -66,8 +69,9 @@ from corral.host.images import ImageRecord, ImageStore, Progress, host_path
 from corral.host.ports import host_ports, port_busy
 from corral.manager.backend import Backend, EmbeddedBackend, Observed
 from corral.manager.config import ManagerConfig
+from corral.manager.daemonlog import event_fields
 from corral.manager.retained import RetainedDisks, RetainedSet
-from corral.manager.store import Store, StoredEvent, VmRecord
+from corral.manager.store import NOTHING_CHANGED, Store, StoredEvent, VmRecord
 from corral.manager.systemd import SystemdBackend
 from corral.manager.waits import WaitTarget
 from corral.manager.writeback import WriteBack
@@ -80,10 +84,16 @@ from corral.spec.policy import DEFAULT_POLICY_FILE, path_within
 __all__ = ["Manager", "ManagerState", "json_merge_patch"]
 
 _events_log = logging.getLogger("corral.events")
+_log = logging.getLogger("corral.manager")
 
 _P = ParamSpec("_P")
 _T = TypeVar("_T")
 _LOG_POLL = 0.25  # seconds between looks at a followed log that has nothing new
+_EXIT_CODE = re.compile(r" \(exit code \d+\); qemu said:")  # the runner's words for it
+_START_ERRORS: dict[str, type[CorralError]] = {
+    cls.__name__: cls
+    for cls in (SpecError, PolicyError, Forbidden, CapacityError, Conflict, HostError, QemuError)
+}
 
 _RUNNER_FIELDS_OWNED = (
     "data_dir",
@@ -128,6 +138,24 @@ def _check_version(version: str | None) -> str | None:
         f"{version!r} is not a resourceVersion (a positive integer read from the VM); "
         "leave it out to write without a check",
     )
+
+
+def _repeats(error: CorralError) -> bool:
+    """Whether a start that failed with ``error`` fails the same way on every retry: the
+    document (:class:`SpecError`), the host policy (:class:`PolicyError`, but not
+    :class:`CapacityError`: room frees up), a :class:`Conflict` (a taken host port), qemu
+    *exiting* with an exit code (it refused its argv). Not a :class:`HostError` (a tool, the
+    disk), nor qemu killed by a signal (the OOM killer) or any other end: those may pass."""
+    if isinstance(error, CapacityError):
+        return False
+    if isinstance(error, SpecError | PolicyError | Conflict):
+        return True
+    return isinstance(error, QemuError) and _EXIT_CODE.search(error.message) is not None
+
+
+def _start_error(event: Mapping[str, Any]) -> CorralError:
+    """A runner's StartFailed event as the error it reports (its class by name)."""
+    return _START_ERRORS.get(str(event.get("type")), QemuError)(str(event.get("error")))
 
 
 def _host_cpus() -> int:
@@ -263,6 +291,7 @@ class Manager:
         for timer in self._timers.values():
             timer.cancel()
         self._timers.clear()
+        desired = {name: state for name, (state, _) in self._pending_desired.items()}
         tasks: list[asyncio.Future[Any]] = [*self._workers.values(), *self._background]
         if self._resync is not None:
             tasks.append(self._resync)
@@ -271,10 +300,33 @@ class Manager:
         await asyncio.gather(*tasks, return_exceptions=True)
         result = await self.stop_all() if stop_vms else {}
         await self.backend.close()
-        await self._writeback.close()  # one last try: what the store cannot take is lost
+        lost = await self._last_desired(desired)
+        unwritten = await self._writeback.close()  # one last try
+        if lost or unwritten:  # what the store cannot take now is lost
+            _log.warning(
+                "StoreRecordsLost",
+                extra={"fields": {"desiredStates": lost, "records": unwritten,
+                                  "error": str(self._writeback.unavailable or "")}},
+            )  # fmt: skip
         self.store.close()
         self.state = ManagerState.CLOSED
         return result
+
+    async def _last_desired(self, desired: Mapping[str, str]) -> dict[str, str]:
+        """One last write of the desired states the daemon decided and the store has not
+        taken yet (at close); returns those it still could not write."""
+        lost: dict[str, str] = {}
+        for name, state in desired.items():
+            if lost:  # the store refused one just now: the rest would wait for nothing
+                lost[name] = state
+                continue
+            try:
+                await self._set_desired(name, state, own=True)
+            except NotFound:
+                pass
+            except CorralError:
+                lost[name] = state
+        return lost
 
     async def __aenter__(self) -> Manager:
         await self.open()
@@ -416,22 +468,25 @@ class Manager:
                 raise SpecError.single("metadata.name", "a VM cannot be renamed")
             try:
                 return await self.replace(merged, expected or current.resource_version)
-            except Conflict:
+            except VersionConflict:  # not a taken port, say: that one would only repeat
                 if expected is not None:
                     raise
                 await asyncio.sleep(0.01)
-        raise Conflict(f"VM {name!r} changes too fast to patch it; retry")
+        raise VersionConflict(f"VM {name!r} changes too fast to patch it; retry")
 
-    async def _set_desired(self, name: str, state: str, *, own: bool = False) -> VmRecord:
+    async def _set_desired(
+        self, name: str, state: str, *, own: bool = False, fresh: bool = False
+    ) -> VmRecord:
         """Only ``spec.vm.state`` changes: no admission (a host whose policy was tightened can
         still stop, kill or delete what it runs); starting is admitted by :meth:`start`.
-        A user's wish (not ``own``, the daemon's) supersedes one the daemon has pending."""
-        if not own:
-            self._supersede(name)
-            self._failed.pop(name, None)  # a user's stop or start ends a Failed state
+        A user's wish (not ``own``, the daemon's) supersedes one the daemon has pending and
+        ends a Failed state (``fresh``, a user's start: the backoff starts afresh too), once
+        the store holds it: a refused write (503) changed nothing, not those either."""
         for _ in range(20):  # retry on a concurrent writer: this is a read-modify-write
             current = self.store.get(name)
             if current.desired == state:
+                if not own:
+                    self._user_wish(name, fresh=fresh)
                 return current
             data = current.document.model_dump(mode="json", by_alias=True, exclude_none=True)
             data["spec"]["vm"]["state"] = state
@@ -439,14 +494,25 @@ class Manager:
                 record = await self._write(
                     self.store.replace, parse_document(data), current.resource_version
                 )
-            except Conflict:
+            except VersionConflict:
                 await asyncio.sleep(0.01)
                 continue
+            if not own:
+                self._user_wish(name, fresh=fresh)
             self._record_event(name, "SpecChanged", {"generation": record.generation})
             self.kick(name)
             await self._writeback.settle()
             return record
-        raise Conflict(f"VM {name!r} changes too fast to set its state; retry")
+        raise VersionConflict(f"VM {name!r} changes too fast to set its state; retry")
+
+    def _user_wish(self, name: str, *, fresh: bool) -> None:
+        """A user's desired state is in the store: it supersedes the daemon's pending one and
+        ends a Failed state; a start (``fresh``) also clears the backoff and last error."""
+        self._supersede(name)
+        self._failed.pop(name, None)
+        if fresh:
+            self._backoff.pop(name, None)
+            self._last_error.pop(name, None)
 
     async def _own_desired(self, name: str, state: str) -> object:
         """A desired state the daemon decided (restartPolicy Never, a guest's poweroff):
@@ -459,7 +525,7 @@ class Manager:
                     return await self._set_desired(name, state, own=True)
                 except NotFound:
                     return None
-                except (StoreUnavailable, Conflict):
+                except (StoreUnavailable, VersionConflict):
                     await asyncio.sleep(delay)
                     delay = min(delay * 2, 5.0)
         finally:
@@ -496,10 +562,8 @@ class Manager:
                 data = current.document.model_dump(mode="json", by_alias=True, exclude_none=True)
                 data["spec"]["vm"]["state"] = "Running"
                 self._admit(parse_document(data))
-            self._backoff.pop(name, None)
-            self._last_error.pop(name, None)
-            self._failed.pop(name, None)  # a user's start tries again
-            record = await self._set_desired(name, "Running")
+            # a user's start tries again (a Failed VM too), once the store holds it
+            record = await self._set_desired(name, "Running", fresh=True)
         self.kick(name)
         if wait:
             await self.wait_for(name, {"Running"}, wait)
@@ -545,31 +609,59 @@ class Manager:
         """Stop the VM gracefully and forget it. Its data dir (disks, UUID, TPM, firmware
         vars) is retained, and returned, unless ``delete_disks``: no later VM inherits it.
         ``force`` kills it instead of a graceful stop, aborting one in flight
-        (``kubectl delete --grace-period=0 --force``)."""
+        (``kubectl delete --grace-period=0 --force``).
+
+        The store must take the delete: a store that cannot be written refuses it (503)
+        before anything is stopped or moved, and desired Stopped is written first, so nothing
+        starts the VM again whatever happens next. Once its disks are deleted or retained
+        there is no way back: if the store cannot delete the record then, the deletion is
+        kept and retried in the background (the VM is not reconciled meanwhile), and the
+        :class:`StoreUnavailable` says so."""
         self.store.get(name)
-        self._supersede(name)
-        # the store must take the delete: refuse now (503), before anything is stopped or
-        # moved, rather than after the VM is gone
         await self._write(self.store.touch)
+        await self._set_desired(name, "Stopped")
         if force:
             await self.kill(name)
         async with self._lock(name):
+            uid = self.store.get(name).uid
             await self.backend.stop(name)
             retained = await self.backend.forget(name, delete_disks=delete_disks)
-            await self._write(self.store.delete, name)
-            self._applied_generation.pop(name, None)
-            self._backoff.pop(name, None)
-            self._failed.pop(name, None)
-            timer = self._timers.pop(name, None)
-            if timer is not None:
-                timer.cancel()
             data: dict[str, object] = {"deleteDisks": delete_disks}
             if retained is not None:
                 data["retainedDisks"] = retained.id
+            try:
+                await self._write(self.store.delete, name)
+            except StoreUnavailable as exc:
+                self._forget(name)
+                self._record_event(name, "Deleted", {**data, "recordPending": True})
+                self._writeback.delete(name, uid)
+                disks = (
+                    "its disks are deleted" if delete_disks
+                    else f"its disks are retained as {retained.id}" if retained is not None
+                    else "it had no disks"
+                )  # fmt: skip
+                raise StoreUnavailable(
+                    f"VM {name!r} is stopped and {disks}, but the store cannot delete its "
+                    f"record now ({exc.message.removesuffix(NOTHING_CHANGED)}): the deletion "
+                    "is kept and retried in the background, and nothing starts the VM",
+                    reason=exc.reason,
+                    retry_after=exc.retry_after or 1,
+                ) from exc
+            self._forget(name)
             self._record_event(name, "Deleted", data)
             self._status_changed(name)  # a wait on it ends: NotFound
         await self._writeback.settle()
         return retained
+
+    def _forget(self, name: str) -> None:
+        """What the manager keeps in memory about a deleted VM."""
+        self._applied_generation.pop(name, None)
+        self._backoff.pop(name, None)
+        self._failed.pop(name, None)
+        self._last_error.pop(name, None)
+        timer = self._timers.pop(name, None)
+        if timer is not None:
+            timer.cancel()
 
     async def wait_for(self, name: str, states: set[str], timeout: float) -> VmRecord:
         """Until the VM's observed state is one of ``states`` (``start --wait``: Running).
@@ -577,10 +669,7 @@ class Manager:
         with that start's error, unless Failed is what is waited for."""
 
         def reached(status: Mapping[str, Any]) -> bool:
-            if status.get("state") in states:
-                return True
-            self._raise_if_failed(name, states)
-            return False
+            return status.get("state") in states
 
         def timed_out(record: VmRecord) -> Timeout:
             return Timeout(
@@ -588,7 +677,7 @@ class Manager:
                 f" after {timeout:g}s"
             )
 
-        return await self._wait_status(name, reached, timeout, timed_out)
+        return await self._wait_status(name, reached, timeout, timed_out, states)
 
     async def wait(self, name: str, target: WaitTarget | str, timeout: float) -> VmRecord:
         """Until ``target`` holds (``state=Stopped``, ``condition=Booted``...: ``corral wait
@@ -605,7 +694,6 @@ class Manager:
         def met(status: Mapping[str, Any]) -> bool:
             if want.met(status):
                 return True
-            self._raise_if_failed(name, {want.name} if want.kind == "state" else set())
             booted = (status.get("conditions") or {}).get(Condition.BOOTED.value) or {}
             wants_boot = want.kind == "condition" and want.name == Condition.BOOTED.value
             if wants_boot and want.value and booted.get("reason") == "BootTimeout":
@@ -613,7 +701,8 @@ class Manager:
                 raise Timeout(f"VM {name!r} did not boot: {booted.get('message')}")
             return False
 
-        return await self._wait_status(name, met, timeout, timed_out)
+        wanted = {want.name} if want.kind == "state" else set()
+        return await self._wait_status(name, met, timeout, timed_out, wanted)
 
     def _raise_if_failed(self, name: str, states: set[str]) -> None:
         """A wait for something a Failed VM will not reach ends with its start's error (of
@@ -633,15 +722,22 @@ class Manager:
         met: Callable[[Mapping[str, Any]], bool],
         timeout: float,
         timed_out: Callable[[VmRecord], CorralError],
+        states: set[str],
     ) -> VmRecord:
         """The one wait loop: judge the stored status, then sleep until the next status write
         of this VM (:meth:`_write_status` wakes it; no polling) or the deadline. ``met`` may
-        raise a :class:`CorralError` to end the wait early (a start that cannot succeed)."""
+        raise a :class:`CorralError` to end the wait early (a start that cannot succeed).
+
+        A Failed VM is judged first, from memory (it is woken when the VM becomes Failed): its
+        start's error, unless ``states`` (the states waited for) has Failed; the stored status
+        may say otherwise for a while (the store cannot be written now)."""
         loop = asyncio.get_running_loop()
         deadline = loop.time() + timeout
         while True:
+            self._raise_if_failed(name, states)
+            failed = name in self._failed  # and Failed is what is waited for
             record = self.store.get(name)
-            if met(record.status):
+            if failed or met(record.status):
                 return record
             left = deadline - loop.time()
             if left <= 0:
@@ -736,9 +832,16 @@ class Manager:
             if chunk:
                 yield chunk
                 continue
-            current = self.store.find(record.name)
+            if self.state in (ManagerState.CLOSING, ManagerState.CLOSED):
+                return  # the daemon stops: the follow ends, cleanly
+            try:
+                current: VmRecord | None = self.store.find(record.name)
+            except StoreUnavailable:
+                current = record  # cannot tell now: still there
             if current is None or current.uid != record.uid:
                 return  # deleted (its runtime dir and logs with it)
+            if self._writeback.deleting(record.name):
+                return  # deleted, but for its record
             await asyncio.sleep(_LOG_POLL)
 
     async def display(self, name: str, expiry: int = 30) -> dict[str, Any]:
@@ -988,8 +1091,7 @@ class Manager:
         others = [
             (record.name, port)
             for record in self.store.all()
-            if record.name != doc.name
-            and (record.desired == "Running" or self._observe(record.name).active)
+            if record.name != doc.name and self._holds(record)
             for port in host_ports(record.document)
         ]
         issues = []
@@ -1007,6 +1109,12 @@ class Manager:
         if issues:
             raise Conflict("a host port this VM listens on is taken", issues)
 
+    def _holds(self, record: VmRecord) -> bool:
+        """Whether a VM holds its CPUs, RAM and ports: its qemu runs, or it is desired Running
+        and not Failed (a Failed VM's qemu is stopped, and nothing starts it on its own)."""
+        wanted = record.desired == "Running" and record.name not in self._failed
+        return wanted or self._observe(record.name).active
+
     def _own_dirs(self) -> list[str]:
         """The manager's own files: no document path may point into them (the image store
         only through ``file.image``, other VMs' disks and the store never)."""
@@ -1016,9 +1124,7 @@ class Manager:
     def _check_capacity(self, doc: VmDocument) -> None:
         cpus, ram = doc.vm.max_cpus, doc.vm.maximum_ram
         for record in self.store.all():
-            if record.name != doc.name and (
-                record.desired == "Running" or self._observe(record.name).active
-            ):
+            if record.name != doc.name and self._holds(record):
                 cpus += record.document.vm.max_cpus
                 ram += record.document.vm.maximum_ram
         cpu_limit = int(_host_cpus() * self.config.cpu_overcommit)
@@ -1099,7 +1205,7 @@ class Manager:
 
     async def _reconcile(self, name: str) -> None:
         record = self.store.find(name)
-        if record is None or not self.reconciling:
+        if record is None or not self.reconciling or self._writeback.deleting(name):
             return
         observed = self._observe(name)
         pending = self._pending_desired.get(name)
@@ -1147,6 +1253,7 @@ class Manager:
                 if backoff.judged == backoff.attempt:  # the runner said it (StartFailed)
                     if name in self._failed:
                         self._failed[name] = exc  # its own class, for waiters
+                        self._status_changed(name)
                 else:
                     self._judge_start_failure(name, exc)
                 if name not in self._failed:
@@ -1160,11 +1267,12 @@ class Manager:
     def _judge_start_failure(self, name: str, error: CorralError) -> None:
         """A start failed: failing the same way as the start before it (no Running between)
         makes the VM Failed, since a retry would only fail again (a taken port, a document
-        qemu refuses); the count starts afresh at a user's start or a spec change."""
+        qemu refuses: :func:`_repeats`); the count starts afresh at a user's start or a spec
+        change. Waits on the VM end at once, whether or not its status can be written."""
         backoff = self._backoff.setdefault(name, _Backoff())
         message = str(error)
-        if isinstance(error, CapacityError):
-            return  # room frees up when other VMs stop: retried with backoff, not Failed
+        if not _repeats(error):
+            return  # it may pass (room frees up, a tool comes back): retried with backoff
         unavailable = self._writeback.unavailable
         if unavailable is not None and unavailable.reason != "locked":
             # the daemon's own disk is full or failing: the host is in trouble, not the
@@ -1174,6 +1282,7 @@ class Manager:
             backoff.last_failure = message
             return
         self._failed[name] = error
+        self._status_changed(name)  # waits end now, not when (if) its status is written
         timer = self._timers.pop(name, None)
         if timer is not None:
             timer.cancel()
@@ -1241,7 +1350,7 @@ class Manager:
             if self.state is ManagerState.OPEN:
                 judging = self._backoff.setdefault(name, _Backoff())
                 judging.judged = judging.attempt
-                self._judge_start_failure(name, QemuError(str(event.get("error"))))
+                self._judge_start_failure(name, _start_error(event))
         if kind == "StateChanged":
             self._write_status(name)
             if event.get("state") == VmState.CRASHED.value and self.state is ManagerState.OPEN:
@@ -1294,7 +1403,7 @@ class Manager:
         self._writeback.event(name, kind, dict(data))
         level = logging.WARNING if kind.endswith(("Failed", "Crashed")) else logging.INFO
         level = logging.DEBUG if kind.endswith("Progress") else level
-        _events_log.log(level, kind, extra={"fields": {"vm": name or None, **data}})
+        _events_log.log(level, kind, extra={"fields": {"vm": name or None, **event_fields(data)}})
 
     def _publish(self, event: StoredEvent) -> None:
         for vm, queue in list(self._subscribers):

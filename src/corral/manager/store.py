@@ -32,7 +32,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, ParamSpec, TypeVar
 
-from corral.errors import Conflict, HostError, NotFound, StoreUnavailable
+from corral.errors import Conflict, HostError, NotFound, StoreUnavailable, VersionConflict
 from corral.host.atomic import ensure_private_dir
 from corral.runner.status import now_iso
 from corral.spec import VmDocument, parse_document
@@ -40,6 +40,7 @@ from corral.spec import VmDocument, parse_document
 __all__ = [
     "BUSY_TIMEOUT",
     "EVENTS_PER_VM",
+    "NOTHING_CHANGED",
     "NewEvent",
     "Store",
     "StoredEvent",
@@ -52,6 +53,9 @@ BUSY_TIMEOUT = 1.0
 """Seconds a write waits for a write lock another process holds (a backup, an admin's
 ``sqlite3``) before it is refused with :class:`StoreUnavailable`: long enough to ride out a
 short transaction, short enough for an API client to get its 503 at once."""
+NOTHING_CHANGED = "; nothing was changed, retry later"
+"""How a :class:`StoreUnavailable` of this store ends (a caller that did change something, a
+delete whose disks are gone, says so instead)."""
 _READ_BUSY_TIMEOUT = 0.2  # WAL readers wait on nobody, but for a recovery or exclusive mode
 
 _P = ParamSpec("_P")
@@ -300,7 +304,7 @@ class Store:
         """Store a new document; the generation goes up only when the document changed.
 
         ``expected_version`` (the resourceVersion the caller read) must still be current,
-        else :class:`Conflict`: someone else wrote in between.
+        else :class:`VersionConflict`: someone else wrote in between.
         """
         text = _dump(doc)
         with self._tx() as db:
@@ -312,7 +316,7 @@ class Store:
                 raise NotFound(f"VM {doc.name!r} not found")
             old_text, generation, version = row
             if expected_version is not None and str(version) != str(expected_version):
-                raise Conflict(
+                raise VersionConflict(
                     f"VM {doc.name!r} was changed since resourceVersion {expected_version} "
                     f"(now {version}): read it again and retry"
                 )
@@ -356,10 +360,15 @@ class Store:
         return event
 
     def write_back(
-        self, events: Sequence[NewEvent], statuses: Mapping[str, dict[str, Any]]
+        self,
+        events: Sequence[NewEvent],
+        statuses: Mapping[str, dict[str, Any]],
+        deletes: Mapping[str, str] | None = None,
     ) -> list[StoredEvent]:
         """The daemon's own records, in one transaction: ``events`` in order, then the latest
-        observed status of each VM in ``statuses`` (a VM no longer stored is skipped)."""
+        observed status of each VM in ``statuses`` (a VM no longer stored is skipped), then
+        the rows of ``deletes`` ({name: uid}: VMs whose deletion is done but for their row;
+        one already gone, or a newer VM of that name, is left alone)."""
         stored = []
         with self._tx() as db:
             for e in events:
@@ -379,6 +388,10 @@ class Store:
                     "UPDATE vms SET status = ? WHERE name = ?",
                     (json.dumps(status, default=str), name),
                 )
+            for name, uid in (deletes or {}).items():
+                db.execute("DELETE FROM vms WHERE name = ? AND uid = ?", (name, uid))
+        for name in deletes or {}:
+            self._parsed.pop(name, None)
         return stored
 
     def events(self, vm: str | None = None, after: int = 0, limit: int = 1000) -> list[StoredEvent]:
@@ -410,7 +423,7 @@ def store_error(exc: sqlite3.Error, path: Path) -> StoreUnavailable | None:
     }[reason]
     name = getattr(exc, "sqlite_errorname", "") or "SQLite"
     return StoreUnavailable(
-        f"the store is unavailable: {cause} ({name}: {exc}); nothing was changed, retry later",
+        f"the store is unavailable: {cause} ({name}: {exc}){NOTHING_CHANGED}",
         reason=reason,
         retry_after=_RETRY_AFTER[reason],
     )

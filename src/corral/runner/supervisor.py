@@ -78,9 +78,25 @@ POWERDOWN_REPEAT = 10.0
 """Seconds between ACPI power-button presses while a stop waits for the guest: one that missed
 the first (still booting, acpid not up yet, a desktop that asked and got no answer) gets
 another, until ``powerdownTimeout``."""
-UNBOOTED_GRACE = 15.0
-"""Seconds of ACPI a stop gives a guest that never showed it booted (BootTimeout): enough for
-a Linux guest without an agent to power down cleanly, far less than ``powerdownTimeout``."""
+_BOOT_FAILURES = re.compile(
+    r"No bootable device|Boot failed|BdsDxe: (failed to load|No bootable option)"
+    r"|UEFI Interactive Shell|^Shell> ?$|Can't find image information|X64 Exception Type"
+    r"|Kernel panic - not syncing|EFI stub: ERROR|grub rescue>",
+    re.MULTILINE,
+)
+
+
+def boot_failure(console_tail: str) -> str | None:
+    """The line of a console's last lines that proves the guest is stuck before any OS that
+    could answer ACPI (a firmware with nothing to boot, its shell, a crash, a kernel panic);
+    None when there is no such proof (a login prompt, silence, anything else)."""
+    last = None
+    for line in console_tail.splitlines():
+        if _BOOT_FAILURES.search(line.strip()):
+            last = line.strip()[:200]
+    return last
+
+
 _KILL_WAIT = 5.0
 _AGENT_POLL = 5.0
 _AGENT_REPORT_EVERY = 60.0  # at most one GuestAgentReplyInvalid event a minute
@@ -267,8 +283,8 @@ class VmSupervisor:
         self.status.started_at = now_iso()
         self.status.booted_at = None
         self.status.stopped_at = None
-        for cond in _LIFECYCLE:
-            self.status.set_condition(cond, False, "Starting")
+        for cond in _LIFECYCLE:  # reason and message too: no BootTimeout of the last run
+            self.status.report_condition(cond, False, "Starting", None)
         for cond in (Condition.TPM_AVAILABLE, Condition.QMP_CONNECTED):
             self.status.conditions.pop(cond.value, None)
         self._set_state(VmState.STARTING)
@@ -536,7 +552,7 @@ class VmSupervisor:
         self._started_doc = self.doc
         self.status.swtpm_pid = None
         for cond in _LIFECYCLE:
-            self.status.set_condition(cond, False, "QmpUnavailable")
+            self.status.report_condition(cond, False, "QmpUnavailable", None)
         self.status.set_condition(Condition.QMP_CONNECTED, False, "QmpSocketGone")
         self._needs_restart = ["qemu has no QMP socket: stop and start the VM"]
         self.status.pending_restart = list(self._needs_restart)
@@ -695,7 +711,7 @@ class VmSupervisor:
         self.status.stopped_at = now_iso()
         for cond in Condition:
             if cond in _LIFECYCLE or cond.value in self.status.conditions:
-                self.status.set_condition(cond, False, "Stopped")
+                self.status.report_condition(cond, False, "Stopped", None)
         if self._restart_on_exit:
             self.status.restarts += 1
             self._set_state(VmState.STOPPED, exit=info.to_json())
@@ -836,12 +852,19 @@ class VmSupervisor:
         self._event("BootTimeout", timeout=limit, consoleTail=tail)
         self._publish()
 
-    def _never_booted(self) -> bool:
-        """The guest gave no sign of booting within ``bootTimeout`` (and none since)."""
-        return (
-            not self.status.condition(Condition.BOOTED)
-            and self.status.condition_reason(Condition.BOOTED) == "BootTimeout"
-        )
+    async def _cannot_answer_acpi(self, monitor: Monitor | None) -> str | None:
+        """Why nothing in the guest can answer ACPI (None: it may): only for a guest that gave
+        no sign of booting within ``bootTimeout``, and only on evidence."""
+        if self.status.condition(Condition.BOOTED):
+            return None
+        if self.status.condition_reason(Condition.BOOTED) != "BootTimeout":
+            return None
+        if monitor is not None:
+            with contextlib.suppress(QemuError):
+                run = await monitor.query_dict("query-status")
+                if run.get("status") in ("guest-panicked", "internal-error"):
+                    return f"qemu: {run.get('status')}"
+        return boot_failure(self._console_tail())
 
     def _console_tail(self) -> str:
         """What the guest printed last on its serial console since it was started (for a VM
@@ -1124,10 +1147,12 @@ class VmSupervisor:
 
     async def stop(self, *, timeout: float | None = None) -> str:
         """Graceful stop; returns how it ended: powerdown, quit, kill (or already-stopped).
-        A guest that never showed it booted (``Booted`` False with reason ``BootTimeout``)
-        gets ACPI for :data:`UNBOOTED_GRACE` seconds instead of ``powerdownTimeout`` (event
-        ``PowerdownShortened``), then ``quit-unbooted``: a guest that cannot answer is not
-        waited for, one without an agent that did boot still powers down cleanly.
+        A guest that never booted (``Booted`` False with reason ``BootTimeout``) *and* shows
+        proof that nothing in it can answer ACPI (qemu says the guest panicked; the console's
+        last lines are a firmware's or kernel's failure: :func:`boot_failure`) is quit at once
+        (event ``PowerdownSkipped``, ``quit-unbooted``) instead of waiting
+        ``powerdownTimeout`` for nothing. Without proof it gets the whole timeout: a guest
+        without an agent that did boot looks unbooted, and must power down cleanly.
 
         The ACPI request is repeated every :data:`POWERDOWN_REPEAT` seconds until the guest
         powers off or ``powerdownTimeout`` runs out (event ``PowerdownRepeated``). A
@@ -1148,17 +1173,15 @@ class VmSupervisor:
             self._restart_on_exit = False
             self._kill_requested.clear()
             limit = self.doc.vm.powerdown_timeout if timeout is None else timeout
-            # a guest that never showed it booted gets a short grace, not the whole timeout:
-            # it may be a guest without an agent that did boot (ACPI still powers it down
-            # cleanly), or one with nothing in it to answer
-            unbooted = self._never_booted()
-            if unbooted and limit > UNBOOTED_GRACE:
-                self._event("PowerdownShortened", reason="NeverBooted", timeout=UNBOOTED_GRACE,
-                            powerdownTimeout=limit)  # fmt: skip
-                limit = UNBOOTED_GRACE
-            acpi = monitor is not None and limit > 0 and not exited.done()
-            how = "powerdown" if acpi else "quit"
+            # only proof that nothing in the guest can answer skips ACPI: a guest without an
+            # agent that did boot looks the same as one that never did, and must power down
+            unbooted = await self._cannot_answer_acpi(monitor)
+            acpi = monitor is not None and limit > 0 and not exited.done() and not unbooted
+            how = "powerdown" if acpi else "quit-unbooted" if unbooted else "quit"
             self.status.stopped_by = how
+            if unbooted:
+                self._event("PowerdownSkipped", reason="NeverBooted", evidence=unbooted,
+                            timeout=limit)  # fmt: skip
             self._set_state(VmState.STOPPING)
             if acpi:
                 assert monitor is not None
@@ -1171,7 +1194,7 @@ class VmSupervisor:
                         )
                         if await self._wait_powerdown(monitor, exited, limit) == "timeout":
                             self._event("PowerdownTimeout", timeout=limit)
-                            how = "quit-unbooted" if unbooted else "quit"
+                            how = "quit"
                     else:
                         how = "quit"  # paused or shut down: no guest to ask
                 except QemuError as exc:
