@@ -179,7 +179,11 @@ class Daemon:
 
     def has_logged(self, event: str) -> bool:
         """This daemon (not an earlier one in the same log) logged ``event``."""
-        return any(e.get("event") == event and e.get("pid") == self.pid for e in self.log_events())
+        # JSON log lines name the event in "message" (corral serve --log-format json)
+        return any(
+            event in (e.get("event"), e.get("message")) and e.get("pid") == self.pid
+            for e in self.log_events()
+        )
 
     def statuses(self) -> dict[str, dict[str, Any]]:
         """{name: status} straight from the SQLite file (no document parsing, no daemon)."""
