@@ -41,9 +41,20 @@ XDG_ENV = ("XDG_RUNTIME_DIR", "XDG_DATA_HOME", "XDG_CONFIG_HOME")
 
 @pytest.fixture(autouse=True)
 def _isolated_environment(monkeypatch: pytest.MonkeyPatch) -> None:
-    for name in list(os.environ):
-        if (name.startswith("CORRAL_") and name not in KEPT_ENV) or name in XDG_ENV:
+    for name in list(os.environ):  # what an earlier test or fixture set, too
+        if _isolated(name):
             monkeypatch.delenv(name)
+
+
+def _isolated(name: str) -> bool:
+    return (name.startswith("CORRAL_") and name not in KEPT_ENV) or name in XDG_ENV
+
+
+def pytest_configure(config: pytest.Config) -> None:
+    """The same isolation for the whole session, before any fixture: module- and
+    session-scoped fixtures (a daemon started once per file) copy ``os.environ`` too."""
+    for name in [n for n in os.environ if _isolated(n)]:
+        del os.environ[name]
 
 
 def _uses_function_loop(request: pytest.FixtureRequest) -> bool:

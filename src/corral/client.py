@@ -21,6 +21,7 @@ from typing import Any, cast
 from urllib.parse import quote
 
 import httpx
+from pydantic import ValidationError
 
 from corral.errors import (
     Conflict,
@@ -77,6 +78,15 @@ def default_socket() -> Path:
     if os.geteuid() != 0 and runtime:
         return Path(runtime) / "corral" / "corral.sock"
     return Path("/run/corral/corral.sock")
+
+
+def _vm(data: Any) -> VmView:
+    """A VM the daemon answered with, as a view; one the client cannot read (a daemon of
+    another version, a proxy's page) is a :class:`CorralError` that says so, not a crash."""
+    try:
+        return VmView.model_validate(data)
+    except ValidationError as exc:
+        raise CorralError(f"the daemon answered with a VM this client cannot read: {exc}") from exc
 
 
 def _error(response: httpx.Response) -> CorralError:
@@ -189,23 +199,23 @@ class Client:
 
     def list_vms(self, *, state: str | None = None, label: str | None = None) -> list[VmView]:
         data = self.request("GET", "/v1/vms", params={"state": state, "label": label})
-        return [VmView.model_validate(item) for item in data["items"]]
+        return [_vm(item) for item in data["items"]]
 
     def get_vm(self, name: str) -> VmView:
-        return VmView.model_validate(self.request("GET", f"/v1/vms/{name}"))
+        return _vm(self.request("GET", f"/v1/vms/{name}"))
 
     def create_vm(self, document: dict[str, Any], *, adopt_disks: str | None = None) -> VmView:
         """``adopt_disks``: a retained set (:meth:`list_disks`) becomes the VM's data dir."""
-        return VmView.model_validate(
+        return _vm(
             self.request("POST", "/v1/vms", json_body=document,
                          params={"adoptDisks": adopt_disks}),
         )  # fmt: skip
 
     def replace_vm(self, name: str, document: dict[str, Any]) -> VmView:
-        return VmView.model_validate(self.request("PUT", f"/v1/vms/{name}", json_body=document))
+        return _vm(self.request("PUT", f"/v1/vms/{name}", json_body=document))
 
     def patch_vm(self, name: str, patch: dict[str, Any]) -> VmView:
-        return VmView.model_validate(
+        return _vm(
             self.request("PATCH", f"/v1/vms/{name}", json_body=patch,
                          content_type="application/merge-patch+json"),
         )  # fmt: skip
@@ -223,7 +233,7 @@ class Client:
             raise SpecError.single(where, "is required: apply finds the VM by metadata.name")
         got = self.request("POST", "/v1/apply", json_body=document,
                            params={"adoptDisks": adopt_disks})  # fmt: skip
-        return str(got["action"]), VmView.model_validate(got["vm"])
+        return str(got["action"]), _vm(got["vm"])
 
     def set_media(
         self, name: str, image: str | None, *, drive: str | None = None
@@ -232,7 +242,7 @@ class Client:
         the daemon changes that one drive. Returns (the drive's name, VM)."""
         got = self.request("POST", f"/v1/vms/{quote(name, safe='')}/media",
                            json_body={"drive": drive, "image": image})  # fmt: skip
-        return str(got["drive"]), VmView.model_validate(got["vm"])
+        return str(got["drive"]), _vm(got["vm"])
 
     def delete_vm(
         self, name: str, *, delete_disks: bool = False, force: bool = False
@@ -250,7 +260,7 @@ class Client:
         """``start``, ``stop``, ``restart``, ``reset``, ``kill``; with ``wait`` seconds, the VM
         once it is Running (stop: Stopped), or (start, restart) once ``until`` holds:
         ``condition=Booted``. The daemon raises :class:`Timeout` when ``wait`` runs out."""
-        return VmView.model_validate(
+        return _vm(
             self.request("POST", f"/v1/vms/{name}/{verb}", params={"wait": wait, "for": until},
                          timeout=(wait + 30) if wait else None),
         )  # fmt: skip
@@ -259,7 +269,7 @@ class Client:
         """The VM once ``until`` holds (``state=Stopped``, ``condition=Booted``,
         ``condition=AgentConnected``; ``kubectl wait --for``); :class:`Timeout` after
         ``timeout`` seconds, with where the VM is in the message."""
-        return VmView.model_validate(
+        return _vm(
             self.request("GET", f"/v1/vms/{name}/wait", params={"for": until, "timeout": timeout},
                          timeout=timeout + 30),
         )  # fmt: skip

@@ -50,6 +50,7 @@ class FakeBackend:
         self.starts: list[str] = []
         self.stops: list[str] = []
         self.start_errors: list[CorralError] = []
+        self.applied: list[str] = []
         self.offer = Capacity(cpus=8, ram=64 * 2**30)
 
     @classmethod
@@ -97,6 +98,8 @@ class FakeBackend:
         raise AssertionError("the manager asks capabilities first: reset is not declared")
 
     async def apply(self, doc: VmDocument) -> list[str]:
+        assert Capability.LIVE_APPLY in self.capabilities, "asked before it is called"
+        self.applied.append(doc.name)
         return []
 
     def observe(self, name: str) -> Observed:
@@ -235,6 +238,24 @@ async def test_desired_stopped_stops_the_vm(manager: Manager) -> None:
     assert kinds(manager, "web", "Stopped")[-1]["how"] == "powerdown"
     await asyncio.sleep(3 * BACKOFF)
     assert backend.starts == ["web"], "a VM stopped by the manager is not restarted"
+
+
+async def test_a_change_reaches_a_running_vm_only_through_a_backend_that_can(
+    manager: Manager,
+) -> None:
+    await manager.open()
+    await manager.create(vm("web"))
+    await manager.wait_for("web", {"Running"}, 5)
+    backend = fake(manager)
+    await manager.patch("web", {"spec": {"vm": {"currentCpus": 1}}})
+    await until(lambda: backend.applied == ["web"], 5, "applied live")
+
+    backend.capabilities = frozenset()  # a placement that cannot change a running VM
+    await manager.patch("web", {"spec": {"vm": {"currentCpus": 2}}})
+    await until(lambda: bool(kinds(manager, "web", "ApplyDeferred")), 5, "deferred")
+    deferred = kinds(manager, "web", "ApplyDeferred")[-1]
+    assert "next start" in deferred["reason"] and deferred["generation"] == 3
+    assert backend.applied == ["web"], "not called"
 
 
 async def test_a_capacity_refusal_is_retried_until_room_frees_up(manager: Manager) -> None:

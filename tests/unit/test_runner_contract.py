@@ -197,3 +197,38 @@ async def test_lifecycle_methods_are_guarded_by_state(tmp_path: Path) -> None:
     with pytest.raises(QemuError, match="cannot retarget"):
         sup.retarget(doc, paths, HostPolicy())
     assert not paths.runtime_dir.exists()  # refused before anything was touched
+
+
+def test_status_sinks_replace_the_status_file(tmp_path: Path) -> None:
+    """A placement that reports elsewhere (a Kubernetes status patch) gives its own sinks:
+    no status file is written then; by default the file channel gets each status, and a
+    sink that cannot write is an event, not a dead supervisor."""
+    from corral.runner.supervisor import VmSupervisor
+    from corral.spec import HostPolicy
+
+    doc = parse_document(_doc())
+    got: list[str] = []
+    events: list[dict[str, object]] = []
+    paths = RunnerPaths.placed(tmp_path / "d", tmp_path / "r")
+    paths.runtime_dir.mkdir(parents=True)
+    sup = VmSupervisor(
+        doc, paths, HostPolicy(), events=events.append,
+        status_sinks=[lambda s: got.append(s.state.value)],
+        on_status=lambda s: got.append("callback"),
+    )  # fmt: skip
+    sup._set_state(VmState.STARTING)
+    assert got == ["Starting", "callback"]
+    assert not paths.status_file.exists()
+
+    default = VmSupervisor(doc, paths, HostPolicy(), events=events.append)
+    default._set_state(VmState.STARTING)
+    assert read_status(paths.status_file, check_pid=False).state is VmState.STARTING
+
+    def broken(_: VmStatus) -> None:
+        raise OSError(28, "No space left on device")
+
+    failing = VmSupervisor(doc, paths, HostPolicy(), events=events.append, status_sinks=[broken])
+    failing._set_state(VmState.STARTING)
+    assert [e["event"] for e in events if e["event"] == "StatusWriteFailed"] == [
+        "StatusWriteFailed"
+    ]

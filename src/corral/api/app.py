@@ -100,6 +100,7 @@ def create_app(manager: Manager) -> FastAPI:
         data["backend"] = manager.backend.name
         data["vms"] = len(manager.store.names())
         data["reconciling"] = manager.reconciling
+        data["capacity"] = manager.capacity()  # what admission counts: total, limit, used
         return data
 
     @app.post("/v1/host/shutdown", tags=["host"])

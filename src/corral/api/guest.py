@@ -84,8 +84,8 @@ def guest_routes(manager: Manager) -> APIRouter:
             try:
                 await websocket.send_denial_response(problem)
             except RuntimeError:  # a server without the denial-response extension
-                await websocket.close(code=4404 if exc.status == 404 else 4409,
-                                      reason=exc.message[:120])  # fmt: skip
+                # 4000 + the HTTP status (4404, 4409, 4501: the backend has no console)
+                await websocket.close(code=4000 + exc.status, reason=exc.message[:120])
             return
         await proxy_console(websocket, stream)
 

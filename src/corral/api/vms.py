@@ -9,8 +9,9 @@ from fastapi import APIRouter, Body, Query, Request, Response
 from pydantic import BaseModel, ConfigDict, Field
 
 from corral.api.problems import json_body, vm_document
-from corral.errors import Conflict, FieldIssue, SpecError
+from corral.errors import FieldIssue, SpecError
 from corral.manager import Manager, VmRecord, WaitTarget
+from corral.manager.apply import apply_document, replacement
 from corral.manager.media import set_cd_media
 from corral.spec.views import VmView
 
@@ -62,22 +63,6 @@ def _until(until: str | None, wait: float | None) -> WaitTarget | None:
     if wait is None:
         raise SpecError("invalid wait", [FieldIssue("for", "needs wait=SECONDS")])
     return WaitTarget.parse(until)
-
-
-def replacement(name: str, doc: dict[str, Any]) -> tuple[dict[str, Any], str | None]:
-    """A whole document for the VM ``name`` (PUT): the URL's name, checked, and the
-    ``resourceVersion`` it was read at; what the server owns (uid, status...) dropped."""
-    meta = doc.get("metadata")
-    if not isinstance(meta, dict):
-        raise SpecError.single("metadata", f"is required (a mapping with name: {name})")
-    if meta.get("name", name) != name:
-        raise SpecError.single("metadata.name", f"must be {name!r} (the URL's name)")
-    doc = {**doc, "metadata": {**meta, "name": name}}
-    version = doc["metadata"].pop("resourceVersion", None)
-    for key in ("uid", "generation", "creationTimestamp"):
-        doc["metadata"].pop(key, None)
-    doc.pop("status", None)
-    return doc, str(version) if version is not None else None
 
 
 def vm_routes(manager: Manager) -> APIRouter:
@@ -155,20 +140,12 @@ def vm_routes(manager: Manager) -> APIRouter:
         """Create the VM ``metadata.name`` names (201), or replace its document (200; at
         ``metadata.resourceVersion`` when given), like ``kubectl apply``: ``{"action":
         "created"|"configured", "vm": ...}``. ``adoptDisks`` only for a VM it creates."""
-        doc = vm_document(document)
-        meta = doc.get("metadata")
-        name = meta.get("name") if isinstance(meta, dict) else None
-        if not isinstance(name, str) or not name:
-            where = "metadata.name" if isinstance(meta, dict) else "metadata"
-            raise SpecError.single(where, "is required: apply finds the VM by metadata.name")
-        if manager.store.find(name) is None:
+        action, record = await apply_document(
+            manager, vm_document(document), adopt_disks=adopt_disks
+        )
+        if action == "created":
             response.status_code = 201
-            return {"action": "created",
-                    "vm": _vm(await manager.create(doc, adopt_disks=adopt_disks))}  # fmt: skip
-        if adopt_disks is not None:
-            raise Conflict(f"VM {name!r} exists: only a new VM can adopt disks")
-        doc, version = replacement(name, doc)
-        return {"action": "configured", "vm": _vm(await manager.replace(doc, version))}
+        return {"action": action, "vm": _vm(record)}
 
     @router.post("/v1/vms/{name}/media", tags=["vms"], response_model=MediaChanged)
     async def set_media(name: str, body: MediaRequest) -> dict[str, Any]:

@@ -298,13 +298,13 @@ class Manager(Reconciler, GuestAccess, ImagesFacade):
     async def apply(
         self, doc: VmDocument | Mapping[str, Any], *, adopt_disks: str | None = None
     ) -> VmRecord:
-        """Create or replace (``kubectl apply``); ``adopt_disks`` only when it creates."""
-        document = self._parse(doc)
-        if self.store.find(document.name) is None:
-            return await self.create(document, adopt_disks=adopt_disks)
-        if adopt_disks is not None:
-            raise Conflict(f"VM {document.name!r} exists: only a new VM can adopt disks")
-        return await self.replace(document)
+        """Create or replace (``kubectl apply``; :func:`corral.manager.apply.apply_document`,
+        which also says which it did); ``adopt_disks`` only when it creates."""
+        from corral.manager.apply import apply_document
+
+        if isinstance(doc, VmDocument):
+            doc = doc.model_dump(mode="json", by_alias=True, exclude_none=True)
+        return (await apply_document(self, doc, adopt_disks=adopt_disks))[1]
 
     async def patch(
         self, name: str, patch: Mapping[str, Any], resource_version: str | None = None

@@ -37,6 +37,7 @@ from corral.errors import (
     SpecError,
     StoreUnavailable,
 )
+from corral.manager.backends.base import Capability
 from corral.manager.desired import DesiredState
 from corral.manager.hub import Backoff, ManagerState
 from corral.manager.store import VmRecord
@@ -138,11 +139,19 @@ class Reconciler(DesiredState):
             return
         if observed.active:
             if self._applied_generation.get(name) != record.generation:
-                document = self._runtime_document(record.document)
-                try:
-                    await self.backend.apply(document)
-                finally:
+                if Capability.LIVE_APPLY in self.backend.capabilities:
+                    document = self._runtime_document(record.document)
+                    try:
+                        await self.backend.apply(document)
+                    finally:
+                        self._applied_generation[name] = record.generation
+                else:  # the manager asks, never assumes: it takes effect at the next start
                     self._applied_generation[name] = record.generation
+                    self._record_event(name, "ApplyDeferred", {
+                        "generation": record.generation,
+                        "reason": f"the {self.backend.name} backend cannot change a running "
+                                  "VM; the change takes effect at its next start",
+                    })  # fmt: skip
             self._write_status(name)
             return
         if observed.state is VmState.CRASHED:

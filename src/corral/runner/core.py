@@ -14,7 +14,7 @@ import asyncio
 import contextlib
 import os
 import signal
-from collections.abc import Awaitable
+from collections.abc import Awaitable, Sequence
 from dataclasses import dataclass
 
 from corral.errors import CorralError, HostError
@@ -71,7 +71,11 @@ class SupervisorCore:
         events: EventSink | None = None,
         boot_marker: str | None = None,
         on_status: StatusSink | None = None,
+        status_sinks: Sequence[StatusSink] | None = None,
     ) -> None:
+        """Each status goes to ``status_sinks`` (default: the status file of ``paths``, the
+        file channel; a placement that reports elsewhere, a Kubernetes status patch, gives
+        its own), then to ``on_status``."""
         self.doc = doc
         self.paths = paths
         self.policy = policy
@@ -79,7 +83,11 @@ class SupervisorCore:
         self._accel_override = accelerator
         self._sink = events
         self._boot_marker = boot_marker
-        self._on_status = on_status
+        self._status_sinks: list[StatusSink] = (
+            list(status_sinks) if status_sinks is not None else [self._write_status_file]
+        )
+        if on_status is not None:
+            self._status_sinks.append(on_status)
         self._started_doc: VmDocument | None = None
         self._proc: asyncio.subprocess.Process | None = None
         self._pid: int | None = None
@@ -111,12 +119,16 @@ class SupervisorCore:
 
     def _publish(self) -> None:
         self.status.updated_at = now_iso()
-        try:
-            write_status(self.paths.status_file, self.status)
-        except OSError as exc:
-            self._event("StatusWriteFailed", error=str(exc))
-        if self._on_status is not None:
-            self._on_status(self.status)
+        for sink in self._status_sinks:
+            try:
+                sink(self.status)
+            except OSError as exc:
+                self._event("StatusWriteFailed", error=str(exc))
+
+    def _write_status_file(self, status: VmStatus) -> None:
+        """The default status sink: the file channel's status file (of the current paths:
+        :meth:`retarget` may change them)."""
+        write_status(self.paths.status_file, status)
 
     def _set_state(self, state: VmState, **fields: object) -> None:
         if self.status.state is not state:

@@ -19,6 +19,7 @@ import asyncio
 import contextlib
 import signal
 import sys
+from collections.abc import Sequence
 from pathlib import Path
 
 from corral.errors import CorralError
@@ -44,11 +45,13 @@ async def run_program(
     accelerator: str | None = None,
     events: EventSink | None = None,
     status: StatusSink | None = None,
+    status_sinks: Sequence[StatusSink] | None = None,
     boot_marker: str | None = None,
     poll: float = 0.5,
 ) -> int:
     """Run the VM of ``source`` until it stops; the exit code (0: stopped, 1: crashed or
-    failed). ``poll``: how often the document and the display secret are checked."""
+    failed). ``poll``: how often the document and the display secret are checked.
+    ``status_sinks``: where statuses go instead of the status file of ``paths``."""
     from corral.runner.supervisor import VmSupervisor
 
     doc = source.current()
@@ -61,6 +64,7 @@ async def run_program(
         events=events,
         boot_marker=marker,
         on_status=status,
+        status_sinks=status_sinks,
     )
     # handlers first: a SIGTERM while qemu starts or is re-attached is a stop request, never
     # the default death that would leave qemu unsupervised

@@ -64,6 +64,7 @@ from corral.spec import VmDocument
 __all__ = ["POWERDOWN_REPEAT", "ExecResult", "ExitInfo", "VmSupervisor", "boot_failure"]
 
 _QUIT_WAIT = 10.0
+_DETACHED: set[asyncio.subprocess.Process] = set()  # qemus detach() left running
 POWERDOWN_REPEAT = 10.0
 """Seconds between ACPI power-button presses while a stop waits for the guest: one that missed
 the first (still booting, acpid not up yet, a desktop that asked and got no answer) gets
@@ -484,3 +485,7 @@ class VmSupervisor(Watchers):
             if reaper is not None and not reaper.done():  # qemu runs on, unreaped by us
                 reaper.cancel()
                 await asyncio.wait({reaper}, timeout=CANCEL_WAIT)
+            if self._proc is not None and self._proc.returncode is None:
+                # left running on purpose (a daemon restart adopts it): kept referenced, so
+                # that no garbage collection "cleans up" a child we meant to leave
+                _DETACHED.add(self._proc)

@@ -23,6 +23,7 @@ from pydantic import (
     JsonValue,
     PrivateAttr,
     SerializerFunctionWrapHandler,
+    ValidationError,
     ValidatorFunctionWrapHandler,
     field_validator,
     model_serializer,
@@ -46,7 +47,20 @@ class View(BaseModel):
     @model_validator(mode="wrap")
     @classmethod
     def _keep_json(cls, data: object, handler: ValidatorFunctionWrapHandler) -> Any:
-        view = handler(data)
+        """Validate, keeping the JSON as given. A member of the wrong type (a status written by
+        an older or newer runner, a damaged status file) is left out of the typed fields (it
+        stays in the JSON), never fails the view: one VM's odd status must not make a list of
+        every VM fail. A required member that is missing or wrong still fails it."""
+        try:
+            view = handler(data)
+        except ValidationError as exc:
+            if not isinstance(data, Mapping):
+                raise
+            wrong = {str(e["loc"][0]) for e in exc.errors() if e["loc"]}
+            kept = {k: v for k, v in data.items() if k not in wrong}
+            if len(kept) == len(data):
+                raise
+            view = handler(kept)
         if isinstance(data, Mapping) and isinstance(view, View):
             view._json = copy.deepcopy(dict(data))
         return view
