@@ -2,7 +2,8 @@
 
 Finds the daemon by an explicit ``socket``, else ``url`` (+ ``token``, for TCP), else
 ``$CORRAL_SOCKET``, else ``$CORRAL_URL`` (+ ``$CORRAL_TOKEN``), else the default socket.
-Problem+json errors come back as the same :mod:`corral.errors` classes the daemon raised,
+VMs come back as :class:`~corral.spec.views.VmView` (typed, and ``.to_json()`` the JSON
+as sent). Problem+json errors come back as the same :mod:`corral.errors` classes the daemon raised,
 with their field paths, so a script handles a remote refusal like a local one.
 """
 
@@ -20,6 +21,7 @@ from typing import Any, cast
 from urllib.parse import quote
 
 import httpx
+from pydantic import ValidationError
 
 from corral.errors import (
     Conflict,
@@ -34,7 +36,9 @@ from corral.errors import (
     StoreUnavailable,
     Timeout,
     Unauthorized,
+    Unsupported,
 )
+from corral.spec.views import VmView
 
 __all__ = ["NEW_EVENTS", "Client", "EventStream", "default_socket"]
 
@@ -55,6 +59,7 @@ _BY_TYPE: dict[str, type[CorralError]] = {
         Unauthorized,
         Timeout,
         StoreUnavailable,
+        Unsupported,
     )
 }
 _BY_STATUS: dict[int, type[CorralError]] = {
@@ -73,6 +78,15 @@ def default_socket() -> Path:
     if os.geteuid() != 0 and runtime:
         return Path(runtime) / "corral" / "corral.sock"
     return Path("/run/corral/corral.sock")
+
+
+def _vm(data: Any) -> VmView:
+    """A VM the daemon answered with, as a view; one the client cannot read (a daemon of
+    another version, a proxy's page) is a :class:`CorralError` that says so, not a crash."""
+    try:
+        return VmView.model_validate(data)
+    except ValidationError as exc:
+        raise CorralError(f"the daemon answered with a VM this client cannot read: {exc}") from exc
 
 
 def _error(response: httpx.Response) -> CorralError:
@@ -183,52 +197,52 @@ class Client:
 
     # --- VMs -------------------------------------------------------------------------------
 
-    def list_vms(
-        self, *, state: str | None = None, label: str | None = None
-    ) -> list[dict[str, Any]]:
+    def list_vms(self, *, state: str | None = None, label: str | None = None) -> list[VmView]:
         data = self.request("GET", "/v1/vms", params={"state": state, "label": label})
-        return cast(list[dict[str, Any]], data["items"])
+        return [_vm(item) for item in data["items"]]
 
-    def get_vm(self, name: str) -> dict[str, Any]:
-        return cast(dict[str, Any], self.request("GET", f"/v1/vms/{name}"))
+    def get_vm(self, name: str) -> VmView:
+        return _vm(self.request("GET", f"/v1/vms/{name}"))
 
-    def create_vm(
-        self, document: dict[str, Any], *, adopt_disks: str | None = None
-    ) -> dict[str, Any]:
+    def create_vm(self, document: dict[str, Any], *, adopt_disks: str | None = None) -> VmView:
         """``adopt_disks``: a retained set (:meth:`list_disks`) becomes the VM's data dir."""
-        return cast(
-            dict[str, Any],
+        return _vm(
             self.request("POST", "/v1/vms", json_body=document,
                          params={"adoptDisks": adopt_disks}),
         )  # fmt: skip
 
-    def replace_vm(self, name: str, document: dict[str, Any]) -> dict[str, Any]:
-        return cast(dict[str, Any], self.request("PUT", f"/v1/vms/{name}", json_body=document))
+    def replace_vm(self, name: str, document: dict[str, Any]) -> VmView:
+        return _vm(self.request("PUT", f"/v1/vms/{name}", json_body=document))
 
-    def patch_vm(self, name: str, patch: dict[str, Any]) -> dict[str, Any]:
-        return cast(
-            dict[str, Any],
+    def patch_vm(self, name: str, patch: dict[str, Any]) -> VmView:
+        return _vm(
             self.request("PATCH", f"/v1/vms/{name}", json_body=patch,
                          content_type="application/merge-patch+json"),
         )  # fmt: skip
 
     def apply_vm(
         self, document: dict[str, Any], *, adopt_disks: str | None = None
-    ) -> tuple[str, dict[str, Any]]:
-        """Create, or replace what is there (``kubectl apply``); returns (verb, VM).
-        ``adopt_disks`` applies only when the VM is created."""
+    ) -> tuple[str, VmView]:
+        """Create, or replace what is there (``kubectl apply``, ``POST /v1/apply``: the daemon
+        decides, in one request); returns (``created``|``configured``, VM). ``adopt_disks``
+        applies only when the VM is created."""
         meta = document.get("metadata")
         name = meta.get("name") if isinstance(meta, dict) else None
         if not isinstance(name, str) or not name:
             where = "metadata.name" if isinstance(meta, dict) else "metadata"
             raise SpecError.single(where, "is required: apply finds the VM by metadata.name")
-        try:
-            self.get_vm(name)
-        except NotFound:
-            return "created", self.create_vm(document, adopt_disks=adopt_disks)
-        if adopt_disks is not None:
-            raise Conflict(f"VM {name!r} exists: only a new VM can adopt disks")
-        return "configured", self.replace_vm(name, document)
+        got = self.request("POST", "/v1/apply", json_body=document,
+                           params={"adoptDisks": adopt_disks})  # fmt: skip
+        return str(got["action"]), _vm(got["vm"])
+
+    def set_media(
+        self, name: str, image: str | None, *, drive: str | None = None
+    ) -> tuple[str, VmView]:
+        """Insert ``image`` (None: eject) into the VM's CD drive ``drive`` (None: its first);
+        the daemon changes that one drive. Returns (the drive's name, VM)."""
+        got = self.request("POST", f"/v1/vms/{quote(name, safe='')}/media",
+                           json_body={"drive": drive, "image": image})  # fmt: skip
+        return str(got["drive"]), _vm(got["vm"])
 
     def delete_vm(
         self, name: str, *, delete_disks: bool = False, force: bool = False
@@ -242,22 +256,20 @@ class Client:
 
     def action(
         self, name: str, verb: str, *, wait: float | None = None, until: str | None = None
-    ) -> dict[str, Any]:
+    ) -> VmView:
         """``start``, ``stop``, ``restart``, ``reset``, ``kill``; with ``wait`` seconds, the VM
         once it is Running (stop: Stopped), or (start, restart) once ``until`` holds:
         ``condition=Booted``. The daemon raises :class:`Timeout` when ``wait`` runs out."""
-        return cast(
-            dict[str, Any],
+        return _vm(
             self.request("POST", f"/v1/vms/{name}/{verb}", params={"wait": wait, "for": until},
                          timeout=(wait + 30) if wait else None),
         )  # fmt: skip
 
-    def wait(self, name: str, until: str, *, timeout: float = 30.0) -> dict[str, Any]:
+    def wait(self, name: str, until: str, *, timeout: float = 30.0) -> VmView:
         """The VM once ``until`` holds (``state=Stopped``, ``condition=Booted``,
         ``condition=AgentConnected``; ``kubectl wait --for``); :class:`Timeout` after
         ``timeout`` seconds, with where the VM is in the message."""
-        return cast(
-            dict[str, Any],
+        return _vm(
             self.request("GET", f"/v1/vms/{name}/wait", params={"for": until, "timeout": timeout},
                          timeout=timeout + 30),
         )  # fmt: skip

@@ -1,9 +1,9 @@
 """The one error tree of corral.
 
 Every failure that corral means to report to a user is a :class:`CorralError`. The CLI turns
-it into one line on stderr and an exit code; the REST API into an
-``application/problem+json`` body (``problem_type`` and ``status`` below) that carries the
-field path for validation errors.
+it into one line on stderr and an exit code; every other interface into the problem document
+of :meth:`CorralError.to_problem` (RFC 9457: ``problem_type`` and ``status`` below, and the
+field path of each issue): the REST API's ``application/problem+json`` body, a message reply.
 
 ::
 
@@ -20,6 +20,7 @@ field path for validation errors.
      ├── QemuError            qemu failed to start or answered a command with an error
      ├── Unauthorized         no bearer token, or a wrong one (TCP API)
      ├── Timeout              a wait (--wait, a powerdown) ran out
+     ├── Unsupported          the VM's backend cannot do this (exec, reset...: its capabilities)
      └── StoreUnavailable     the manager's store cannot be written now (locked, disk full,
                               I/O error, read-only): nothing was changed; retry later
 """
@@ -28,8 +29,10 @@ from __future__ import annotations
 
 from collections.abc import Iterable, Sequence
 from dataclasses import dataclass
+from typing import Any
 
 __all__ = [
+    "PROBLEM_TITLES",
     "CapacityError",
     "Conflict",
     "CorralError",
@@ -43,8 +46,51 @@ __all__ = [
     "StoreUnavailable",
     "Timeout",
     "Unauthorized",
+    "Unsupported",
     "VersionConflict",
+    "problem",
 ]
+
+PROBLEM_TITLES = {
+    400: "Bad Request",
+    401: "Unauthorized",
+    403: "Forbidden",
+    404: "Not Found",
+    405: "Method Not Allowed",
+    409: "Conflict",
+    413: "Payload Too Large",
+    415: "Unsupported Media Type",
+    422: "Unprocessable Content",
+    500: "Internal Server Error",
+    501: "Not Implemented",
+    502: "Bad Gateway",
+    503: "Service Unavailable",
+    504: "Gateway Timeout",
+}
+
+
+def problem(
+    status: int,
+    detail: str,
+    *,
+    type_: str = "about:blank",
+    issues: Iterable[FieldIssue] = (),
+    extra: dict[str, Any] | None = None,
+) -> dict[str, Any]:
+    """An RFC 9457 problem document: ``type``, ``title``, ``status``, ``detail``, then
+    ``extra``, and ``errors: [{loc, reason}]`` (the field paths) when there are issues. The
+    one shape every interface answers errors in (a REST body, a message reply)."""
+    body: dict[str, Any] = {
+        "type": type_,
+        "title": PROBLEM_TITLES.get(status, "Error"),
+        "status": status,
+        "detail": detail,
+        **(extra or {}),
+    }
+    shown = [{"loc": i.loc, "reason": i.reason} for i in issues]
+    if shown:
+        body["errors"] = shown
+    return body
 
 
 @dataclass(frozen=True)
@@ -79,6 +125,18 @@ class CorralError(Exception):
             return self.message
         details = "; ".join(str(i) for i in self.issues)
         return f"{self.message}: {details}"
+
+    def problem_extra(self) -> dict[str, Any]:
+        """Members of this error's problem document beyond the standard ones."""
+        return {}
+
+    def to_problem(self) -> dict[str, Any]:
+        """This error as a problem document (see :func:`problem`): what the REST API sends
+        as ``application/problem+json``, and a message reply carries."""
+        return problem(
+            self.status, self.message, type_=self.problem_type, issues=self.issues,
+            extra=self.problem_extra(),
+        )  # fmt: skip
 
 
 class SpecError(CorralError):
@@ -169,6 +227,13 @@ class Timeout(CorralError):
     problem_type = "urn:corral:timeout"
 
 
+class Unsupported(CorralError):
+    """The backend placing the VM does not declare the capability this needs."""
+
+    status = 501
+    problem_type = "urn:corral:unsupported"
+
+
 class StoreUnavailable(CorralError):
     """The manager's store cannot be written now: another process holds its write lock, its
     filesystem is full, or it fails with an I/O error or is read-only. The request changed
@@ -189,3 +254,6 @@ class StoreUnavailable(CorralError):
         super().__init__(message, issues)
         self.reason = reason
         self.retry_after = retry_after
+
+    def problem_extra(self) -> dict[str, Any]:
+        return {"reason": self.reason}

@@ -12,6 +12,7 @@ from pathlib import Path
 import pytest
 
 from corral.qemu.argv import FirmwareFiles, RenderContext, render_argv
+from corral.runner.config import RunnerPaths
 from corral.spec import load_document_file
 
 GOLDEN = Path(__file__).parent / "golden"
@@ -21,8 +22,7 @@ CASES = sorted(p.stem for p in GOLDEN.glob("*.yaml"))
 def _context(name: str, seed: bool) -> RenderContext:
     data = f"/var/lib/corral/vms/{name}"
     return RenderContext(
-        runtime_dir=f"/run/corral/{name}",
-        data_dir=data,
+        files=RunnerPaths.placed(Path(data), Path(f"/run/corral/{name}")),
         accelerator="tcg",
         firmware=FirmwareFiles("/usr/share/OVMF/OVMF_CODE_4M.fd", f"{data}/efivars.fd"),
         seed_image=f"{data}/cidata.img" if seed else None,

@@ -9,6 +9,7 @@ intact, so qemu opens exactly the file the user named.
 
 from __future__ import annotations
 
+from pathlib import Path
 from typing import Any
 
 from hypothesis import HealthCheck, given, settings
@@ -16,6 +17,7 @@ from hypothesis import strategies as st
 
 from corral.qemu.argv import FirmwareFiles, RenderContext, render_argv
 from corral.qemu.options import split_options
+from corral.runner.config import RunnerPaths
 from corral.spec import parse_document
 
 TEXT = st.text(
@@ -75,8 +77,7 @@ def _render(
 ) -> list[str]:
     doc = parse_document(_doc(values))
     ctx = RenderContext(
-        runtime_dir=runtime_dir,
-        data_dir=data_dir,
+        files=RunnerPaths.placed(Path(data_dir), Path(runtime_dir)),
         accelerator="tcg",
         firmware=FirmwareFiles("/fw/code.fd", data_dir + "/vars.fd"),
     )

@@ -29,7 +29,7 @@ from corral.qemu.agent import (
     AgentReplyError,
     GuestAgent,
 )
-from corral.runner import supervisor as supervisor_module
+from corral.runner import watchers as watchers_module
 from corral.runner.config import resolve_paths
 from corral.runner.status import Condition
 from corral.runner.supervisor import VmSupervisor
@@ -249,7 +249,7 @@ async def test_the_supervisor_agent_loop_survives_and_stores_only_the_bound(
     """The runner's own agent loop against the fake guest: 20k addresses, a non-list reply,
     garbage, a bad address, then a good answer. The loop lives through all of it, the status
     and the events hold at most the bound, and the refusals are one rate-limited event."""
-    monkeypatch.setattr(supervisor_module, "_AGENT_POLL", 0.0)  # poll addresses every round
+    monkeypatch.setattr(watchers_module, "_AGENT_POLL", 0.0)  # poll addresses every round
     doc = parse_document({"metadata": {"name": "fake"}, "spec": {"vm": {"guestAgent": True}}})
     paths = resolve_paths(doc, data_dir=str(short_dir / "data"), runtime_dir=str(short_dir / "run"))
     (short_dir / "run").mkdir(mode=0o700)

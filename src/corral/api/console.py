@@ -10,22 +10,26 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
-from pathlib import Path
+from contextlib import AbstractAsyncContextManager
 
 from starlette.websockets import WebSocket, WebSocketDisconnect
+
+from corral.errors import CorralError
 
 __all__ = ["proxy_console"]
 
 _CHUNK = 65536
 
 
-async def proxy_console(websocket: WebSocket, path: Path, *, connect_timeout: float = 5.0) -> None:
+ConsoleStream = AbstractAsyncContextManager[tuple[asyncio.StreamReader, asyncio.StreamWriter]]
+
+
+async def proxy_console(websocket: WebSocket, stream: ConsoleStream) -> None:
+    """``stream``: the backend's console (``Manager.open_console``), opened here."""
     try:
-        reader, writer = await asyncio.wait_for(
-            asyncio.open_unix_connection(str(path)), connect_timeout
-        )
-    except (OSError, TimeoutError) as exc:
-        await websocket.close(code=1011, reason=f"console unavailable: {exc}"[:120])
+        reader, writer = await stream.__aenter__()
+    except (CorralError, OSError, TimeoutError) as exc:
+        await websocket.close(code=1011, reason=str(exc)[:120])
         return
     await websocket.accept()
 
@@ -58,9 +62,8 @@ async def proxy_console(websocket: WebSocket, path: Path, *, connect_timeout: fl
             with contextlib.suppress(asyncio.CancelledError, OSError, WebSocketDisconnect,
                                      RuntimeError):  # fmt: skip
                 await task
-        writer.close()
         with contextlib.suppress(OSError):
-            await writer.wait_closed()
+            await stream.__aexit__(None, None, None)
         # the client may be gone already (it left): closing then is no error to log
         with contextlib.suppress(RuntimeError, OSError, WebSocketDisconnect):
             await websocket.close()

@@ -17,7 +17,7 @@ import grp
 import json
 import os
 import socket
-from collections.abc import AsyncIterator, Callable, Iterator
+from collections.abc import AsyncIterator, Callable, Iterator, Mapping
 from contextlib import AbstractAsyncContextManager
 from dataclasses import dataclass
 from pathlib import Path
@@ -29,10 +29,10 @@ from starlette.types import ASGIApp, Receive, Scope, Send
 
 from corral.api.app import PROBLEM, create_app
 from corral.api.auth import TokenFile
-from corral.errors import HostError, SpecError
-from corral.manager import Manager
+from corral.errors import FieldIssue, HostError, SpecError, Unauthorized
+from corral.manager import Manager, ManagerConfig
 
-__all__ = ["DEFAULT_SOCKET", "ApiOptions", "BearerAuth", "api_service"]
+__all__ = ["DEFAULT_SOCKET", "ApiOptions", "BearerAuth", "api_service", "service_from_config"]
 
 DEFAULT_SOCKET = Path("/run/corral/corral.sock")
 _OPEN_PATHS = ("/healthz", "/readyz")
@@ -97,10 +97,7 @@ class BearerAuth:
             await send({"type": "websocket.close", "code": 4401, "reason": "unauthorized"})
             return
         detail = "a bearer token is required" if token is None else "the token is not valid"
-        body = json.dumps(
-            {"type": "urn:corral:unauthorized", "title": "Unauthorized", "status": 401,
-             "detail": detail}
-        ).encode()  # fmt: skip
+        body = json.dumps(Unauthorized(detail).to_problem()).encode()
         await send(
             {
                 "type": "http.response.start",
@@ -200,3 +197,32 @@ def api_service(options: ApiOptions) -> Callable[[Manager], AbstractAsyncContext
                     options.socket.unlink()
 
     return run
+
+
+def _path(options: Mapping[str, object], key: str) -> Path | None:
+    value = options.get(key)
+    return Path(str(value)) if value else None
+
+
+def service_from_config(
+    config: ManagerConfig, options: Mapping[str, object]
+) -> Callable[[Manager], AbstractAsyncContextManager[object]]:
+    """The ``api`` entry of :data:`corral.services.SERVICES`: the API on ``options``'s
+    ``socket`` (None: no socket), ``socketGroup``, ``listen``, ``tokensFile``, ``tlsCert``,
+    ``tlsKey``; an unknown option is a SpecError naming it."""
+    known = {"socket", "socketGroup", "listen", "tokensFile", "tlsCert", "tlsKey"}
+    for key in options:
+        if key not in known:
+            reason = f"is not an option; one of {', '.join(sorted(known))}"
+            raise SpecError("invalid API service options", [FieldIssue(f"api.{key}", reason)])
+    group, listen = options.get("socketGroup"), options.get("listen")
+    return api_service(
+        ApiOptions(
+            socket=_path(options, "socket"),
+            socket_group=None if group is None else str(group),
+            listen=None if listen is None else str(listen),
+            tokens_file=_path(options, "tokensFile"),
+            tls_cert=_path(options, "tlsCert"),
+            tls_key=_path(options, "tlsKey"),
+        )
+    )

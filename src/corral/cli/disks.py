@@ -10,8 +10,8 @@ from typing import Any
 
 import click
 
+from corral.cli.connection import client
 from corral.cli.output import OUTPUT, Column, age, format_bytes, show_items
-from corral.cli.vms import client
 
 __all__ = ["disk"]
 

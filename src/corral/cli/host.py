@@ -90,7 +90,7 @@ def shutdown(
         assert isinstance(cfg, ManagerConfig)
         result = asyncio.run(host_shutdown(cfg, timeout))
     else:
-        from corral.cli.vms import client
+        from corral.cli.connection import client
 
         result = client(ctx).host_shutdown(timeout)
     forced = sorted(n for n, how in result.items() if how in ("quit", "kill"))

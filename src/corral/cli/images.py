@@ -8,8 +8,8 @@ from typing import TYPE_CHECKING, Any
 
 import click
 
+from corral.cli.connection import client
 from corral.cli.output import OUTPUT, Column, format_bytes, show_items
-from corral.cli.vms import client
 
 if TYPE_CHECKING:
     from corral.client import Client

@@ -13,7 +13,7 @@ import sys
 import click
 
 from corral.cli.completion import vm_names
-from corral.cli.vms import client
+from corral.cli.connection import client
 
 __all__ = ["logs"]
 

@@ -1,6 +1,7 @@
-"""``corral serve``: run the manager daemon with its API (like ``corral run`` is the runner's
-entry point, this is the one place the CLI imports the manager and the API server), and
-``corral token create`` for the TCP listener's bearer tokens."""
+"""``corral serve``: run the manager daemon with its services (like ``corral run`` is the
+runner's entry point, this is the one place the CLI imports the manager; the services, the API
+among them, are built by name through :data:`corral.services.SERVICES`), and ``corral token
+create`` for the TCP listener's bearer tokens."""
 
 from __future__ import annotations
 
@@ -21,6 +22,24 @@ def manager_config(state_dir: str, config: str | None, **overrides: object) -> o
     return load_manager_config(Path(config) if config else None, stateDir=state_dir, **overrides)
 
 
+class _Registered(click.Choice[str]):
+    """The backend registry's names (:data:`corral.manager.backends.BACKENDS`), read when
+    click first needs them, not at import: ``corral --help`` stays fast."""
+
+    def __init__(self) -> None:
+        super().__init__(())
+
+    @property
+    def choices(self) -> tuple[str, ...]:
+        from corral.manager.backends import BACKENDS
+
+        return tuple(BACKENDS)
+
+    @choices.setter
+    def choices(self, _: object) -> None:
+        pass
+
+
 @click.command()
 @click.option("--state-dir", required=True, type=click.Path(file_okay=False), help=_STATE_HELP)
 @click.option(
@@ -37,7 +56,12 @@ def manager_config(state_dir: str, config: str | None, **overrides: object) -> o
     type=click.Path(dir_okay=False),
     help="Host policy (default /etc/corral/host.yaml if present).",
 )
-@click.option("--backend", type=click.Choice(["embedded", "systemd"]), default=None)
+@click.option(
+    "--backend",
+    type=_Registered(),
+    default=None,
+    help="Where VMs' runners are placed (a name in the backend registry; default embedded).",
+)
 @click.option(
     "--accel",
     type=click.Choice(["kvm", "tcg"]),
@@ -96,6 +120,14 @@ def manager_config(state_dir: str, config: str | None, **overrides: object) -> o
     show_default=True,
     help="Least level logged (corral's and the API server's loggers).",
 )
+@click.option(
+    "--service",
+    "services",
+    multiple=True,
+    metavar="NAME",
+    help="A daemon service to run (repeat for several; default: the config's services, "
+    "else api). Names: corral.services.SERVICES.",
+)
 def serve(
     state_dir: str,
     config_file: str | None,
@@ -114,19 +146,20 @@ def serve(
     open_policy: bool,
     log_format: str,
     log_level: str,
+    services: tuple[str, ...],
 ) -> None:
     """Run the manager: keep every VM in its desired state; SIGTERM leaves VMs running.
 
     Under systemd (Type=notify) it reports READY=1 once the API listens; deploy/corral.service.
     """
-    from corral.api import ApiOptions, api_service
     from corral.client import default_socket
     from corral.manager import ManagerConfig
     from corral.manager.daemon import serve as run_daemon
+    from corral.services import build_services
 
     cfg = manager_config(
         state_dir, config_file, policyFile=policy_file, backend=backend, accelerator=accel,
-        resyncSeconds=resync, stopVmsOnExit=stop_vms_on_exit,
+        resyncSeconds=resync, stopVmsOnExit=stop_vms_on_exit, services=services or None,
     )  # fmt: skip
     assert isinstance(cfg, ManagerConfig)
     if listen and not open_policy:
@@ -138,16 +171,13 @@ def serve(
                 "give a VM any host file or device; set imagePaths in the host policy "
                 "(docs/policy.md), or pass --open-policy to accept that"
             )
-    options = ApiOptions(
-        socket=None if no_socket else Path(socket_path) if socket_path else default_socket(),
-        socket_group=socket_group,
-        listen=listen,
-        tokens_file=Path(tokens_file) if tokens_file else None,
-        tls_cert=Path(tls_cert) if tls_cert else None,
-        tls_key=Path(tls_key) if tls_key else None,
-    )
-    service = api_service(options)  # checks the options before anything starts
-    sys.exit(_run_logged(lambda: asyncio.run(run_daemon(cfg, services=[service])),
+    api = {
+        "socket": None if no_socket else Path(socket_path) if socket_path else default_socket(),
+        "socketGroup": socket_group, "listen": listen, "tokensFile": tokens_file,
+        "tlsCert": tls_cert, "tlsKey": tls_key,
+    }  # fmt: skip
+    built = build_services(cfg.services, cfg, {"api": api})  # all checked before any starts
+    sys.exit(_run_logged(lambda: asyncio.run(run_daemon(cfg, services=built)),
                          log_format, log_level))  # fmt: skip
 
 

@@ -1,6 +1,7 @@
 """Host-side files and helper processes a VM needs before qemu starts.
 
-The manager's base-image store (:mod:`.images`), overlays and blank disks (:mod:`.overlay`),
+The manager's base-image store (:mod:`.images`; its records in :mod:`.sidecar`, the bytes it
+imports from :mod:`.sources` through :mod:`.imports`), overlays and blank disks (:mod:`.overlay`),
 the cloud-init NoCloud seed (:mod:`.seed`), the VM's own OVMF vars (:mod:`.firmware`), its
 software TPM (:mod:`.swtpm`), the process helpers they share (:mod:`.process`), and the
 capped, rotated logs a running qemu appends to (:mod:`.consolelog`).

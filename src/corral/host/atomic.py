@@ -9,6 +9,9 @@ built under a temporary name in the destination directory and then published:
   are not supported, ``renameat2(RENAME_NOREPLACE)`` does the same.
 * :func:`publish_replace` for files that are regenerated (the seed): ``rename`` over the old
   one. A running qemu keeps the old inode open and is not disturbed.
+* :func:`write_atomic` (and :func:`write_file`, its :class:`HostError` form) for small files
+  written whole from memory (a runner's status and started files, a pidfile, a unit file, a
+  VM document): the one atomic write of corral; readers see the old file or the new one.
 
 Both fsync the file and the directory, so a power cut leaves the old state or the new one.
 """
@@ -25,7 +28,14 @@ from pathlib import Path
 
 from corral.errors import HostError
 
-__all__ = ["ensure_private_dir", "publish_new", "publish_replace", "temp_sibling"]
+__all__ = [
+    "ensure_private_dir",
+    "publish_new",
+    "publish_replace",
+    "temp_sibling",
+    "write_atomic",
+    "write_file",
+]
 
 _AT_FDCWD = -100
 _RENAME_NOREPLACE = 1
@@ -124,3 +134,36 @@ def publish_replace(tmp: Path, final: Path) -> None:
     except OSError as exc:
         tmp.unlink(missing_ok=True)
         raise HostError(f"cannot write {final}: {exc}") from exc
+
+
+def write_atomic(path: Path, data: bytes, mode: int = 0o644, *, parents: bool = True) -> None:
+    """Replace ``path`` with ``data`` so that readers see the old or the new file, whole.
+
+    The temporary file is created with ``mode`` already (a 0600 secret is never readable by
+    others, not even briefly), fsynced, renamed over ``path``, and the directory fsynced.
+    ``parents``: create missing parent directories. Raises ``OSError`` (see
+    :func:`write_file` for a :class:`HostError`).
+    """
+    if parents:
+        path.parent.mkdir(parents=True, exist_ok=True)
+    tmp = temp_sibling(path)
+    try:
+        fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_EXCL | os.O_CLOEXEC, mode)
+        with os.fdopen(fd, "wb") as f:
+            f.write(data)
+            f.flush()
+            os.fsync(f.fileno())
+        os.chmod(tmp, mode)  # the umask may have narrowed it
+        os.replace(tmp, path)
+    except BaseException:
+        tmp.unlink(missing_ok=True)
+        raise
+    _fsync_dir(path.parent)
+
+
+def write_file(path: Path, data: bytes, mode: int = 0o644, *, parents: bool = False) -> None:
+    """:func:`write_atomic`, failing with a :class:`HostError` that names ``path``."""
+    try:
+        write_atomic(path, data, mode, parents=parents)
+    except OSError as exc:
+        raise HostError(f"cannot write {path}: {exc}") from exc

@@ -10,10 +10,11 @@ from pathlib import Path
 from typing import Literal
 
 import yaml
-from pydantic import BaseModel, ConfigDict, Field, ValidationError
+from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator
 from pydantic.alias_generators import to_camel
 
 from corral.errors import SpecError
+from corral.manager.backends import BACKENDS
 from corral.spec.document import issues_from_validation
 
 __all__ = ["ManagerConfig", "load_manager_config"]
@@ -25,7 +26,7 @@ class ManagerConfig(BaseModel):
     )
 
     state_dir: Path
-    backend: Literal["embedded", "systemd"] = "embedded"
+    backend: str = Field(default="embedded", description="a name in the backend registry")
     store_path: Path | None = Field(default=None, description="SQLite file (state/corral.db)")
     images_dir: Path | None = Field(default=None, description="image store (state/images)")
     vms_dir: Path | None = Field(default=None, description="per-VM data, disks (state/vms)")
@@ -56,6 +57,16 @@ class ManagerConfig(BaseModel):
     )
     systemd_user: bool = Field(default=False, description="systemd backend: --user units")
     systemd_unit_dir: Path | None = Field(default=None)
+    services: tuple[str, ...] = Field(
+        default=("api",), description="daemon services to run, by name (corral.services)"
+    )
+
+    @field_validator("backend")
+    @classmethod
+    def _registered(cls, value: str) -> str:
+        if value not in BACKENDS:
+            raise ValueError(f"{value!r} is not a backend; choose one of {', '.join(BACKENDS)}")
+        return value
 
     @property
     def store(self) -> Path:

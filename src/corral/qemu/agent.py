@@ -156,7 +156,10 @@ class GuestAgent:
             remaining = deadline - time.monotonic()
             if remaining <= 0:
                 raise TimeoutError
-            line = await asyncio.wait_for(self._reader.readline(), remaining)
+            # asyncio.timeout, not wait_for: 3.11's wait_for drops a cancel that lands as the
+            # read finishes, and a cancelled agent loop would go on forever
+            async with asyncio.timeout(remaining):
+                line = await self._reader.readline()
             if not line:
                 raise AgentError("the guest agent socket closed")
             line = line.strip(b"\xff \r\n")
@@ -183,7 +186,8 @@ class GuestAgent:
             remaining = deadline - time.monotonic()
             if remaining <= 0:
                 raise TimeoutError
-            chunk = await asyncio.wait_for(self._reader.readuntil(b"\xff"), remaining)
+            async with asyncio.timeout(remaining):  # see _read_reply
+                chunk = await self._reader.readuntil(b"\xff")
             del chunk
             reply = await self._read_reply(deadline)
             if reply.get("return") == token:

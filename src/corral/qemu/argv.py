@@ -22,7 +22,7 @@ import uuid
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any
+from typing import Any, Protocol
 
 import jinja2
 import yaml
@@ -40,7 +40,7 @@ from corral.spec.models import (
 )
 from corral.spec.policy import DEFAULT_BRIDGE_HELPER
 
-__all__ = ["FirmwareFiles", "RenderContext", "build_view", "render_argv"]
+__all__ = ["FirmwareFiles", "RenderContext", "VmFiles", "build_view", "render_argv"]
 
 PACKAGE_TEMPLATES = Path(__file__).parent / "templates"
 _TOKEN = re.compile(r"@@corral:(\d+)@@")
@@ -54,6 +54,25 @@ class FirmwareFiles:
     vars: str
 
 
+class VmFiles(Protocol):
+    """Where a VM's files are: the runner's :class:`~corral.runner.config.RunnerPaths` owns
+    the layout (this layer may not import it), the argv only points qemu at it."""
+
+    @property
+    def pidfile(self) -> Path: ...
+    @property
+    def qmp(self) -> Path: ...
+    @property
+    def qga(self) -> Path: ...
+    @property
+    def console(self) -> Path: ...
+    @property
+    def console_log(self) -> Path: ...
+    @property
+    def swtpm_sock(self) -> Path: ...
+    def overlay(self, disk: str) -> Path: ...
+
+
 @dataclass(frozen=True)
 class RenderContext:
     """Everything the argv needs that is not in the document: where files are, what the host
@@ -63,11 +82,10 @@ class RenderContext:
     probe, which belongs to the caller. ``bridge_helper``, ``sandbox`` (the ``-sandbox``
     options, None: off) and ``run_as`` (the user qemu drops to) are host policy.
     ``tap_fds`` maps a NIC's index to a tap the runner opened on its bridge (passed to qemu):
-    qemu then runs no helper itself.
+    qemu then runs no helper itself. ``files``: where the VM's sockets, logs and overlays are.
     """
 
-    runtime_dir: str
-    data_dir: str
+    files: VmFiles
     accelerator: str = "tcg"
     machine_uuid: uuid.UUID | None = None
     firmware: FirmwareFiles | None = None
@@ -82,12 +100,6 @@ class RenderContext:
     tap_fds: Mapping[int, int] = field(default_factory=dict)
     sandbox: Mapping[str, OptionValue] | None = None
     run_as: str | None = None
-
-    def runtime(self, name: str) -> str:
-        return str(Path(self.runtime_dir) / name)
-
-    def data(self, name: str) -> str:
-        return str(Path(self.data_dir) / name)
 
 
 _NIC_DRIVER = {
@@ -190,7 +202,7 @@ def build_view(doc: VmDocument, ctx: RenderContext) -> dict[str, Any]:
             )
         elif disk.file is not None:
             f = disk.file
-            path = f.path if f.path is not None else ctx.data(f"{name}.qcow2")
+            path = f.path if f.path is not None else str(ctx.files.overlay(name))
             cache, write_cache = _cache_opts(f.cache)
             entry.update(
                 kind="disk",
@@ -329,7 +341,7 @@ def build_view(doc: VmDocument, ctx: RenderContext) -> dict[str, Any]:
     tpm = None
     if vm.use_tpm:
         model = "tpm-tis" if vm.machine is MachineType.PC else "tpm-crb"
-        tpm = {"socket": ctx.runtime("swtpm.sock"), "model": model}
+        tpm = {"socket": str(ctx.files.swtpm_sock), "model": model}
 
     return {
         "name": doc.name,
@@ -347,11 +359,11 @@ def build_view(doc: VmDocument, ctx: RenderContext) -> dict[str, Any]:
         "initrd": vm.initrd,
         "cmdline": cmdline,
         "tpm": tpm,
-        "agent": {"socket": ctx.runtime("qga.sock")} if vm.guest_agent else None,
-        "qmp_socket": ctx.runtime("qmp.sock"),
-        "console_socket": ctx.runtime("console.sock"),
-        "console_log": ctx.runtime("console.log"),
-        "pidfile": ctx.runtime("qemu.pid"),
+        "agent": {"socket": str(ctx.files.qga)} if vm.guest_agent else None,
+        "qmp_socket": str(ctx.files.qmp),
+        "console_socket": str(ctx.files.console),
+        "console_log": str(ctx.files.console_log),
+        "pidfile": str(ctx.files.pidfile),
         "sandbox": dict(ctx.sandbox) if ctx.sandbox is not None else None,
         "run_as": ctx.run_as,
         "paused": ctx.paused,

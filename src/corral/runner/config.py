@@ -56,16 +56,52 @@ _SANDBOX: dict[str, str | bool] = {
 
 LogSource = Literal["console", "qemu"]
 LOG_SOURCES: dict[LogSource, str] = {"console": "console.log", "qemu": "qemu.log"}
-"""A VM's log files by source, under its runtime dir (the argv template names console.log)."""
+"""A VM's log files by source, under its runtime dir."""
+STATUS_FILE = "status.json"
+STARTED_FILE = "started.json"
+EVENTS_FILE = "events.jsonl"
 
 
 @dataclass(frozen=True)
 class RunnerPaths:
+    """Every file of one VM, in one place: the runner contract's layout.
+
+    The runner writes these, qemu's argv points at them (:func:`render_for_host`), and every
+    placement (embedded, systemd, later Kubernetes) finds a VM's files here instead of
+    spelling the layout again. Data files (kept across runs) live under ``data_dir``; runtime
+    files (sockets, pidfiles, logs, the file channel) under ``runtime_dir`` (mode 0700).
+    ``status_file`` and ``display_secret_file`` may be placed elsewhere by the document or
+    flags.
+    """
+
     data_dir: Path
     runtime_dir: Path
     status_file: Path
     display_secret_file: Path | None
     emulator: str
+
+    @classmethod
+    def placed(
+        cls,
+        data_dir: Path,
+        runtime_dir: Path,
+        *,
+        status_file: Path | None = None,
+        display_secret_file: Path | None = None,
+        emulator: str = "qemu-system-x86_64",
+    ) -> RunnerPaths:
+        """The paths of a VM whose placement chose its two dirs (a manager backend): the
+        status file defaults to ``status.json`` in the runtime dir, as :func:`resolve_paths`
+        makes it."""
+        return cls(
+            data_dir=data_dir,
+            runtime_dir=runtime_dir,
+            status_file=status_file if status_file is not None else runtime_dir / STATUS_FILE,
+            display_secret_file=display_secret_file,
+            emulator=emulator,
+        )
+
+    # --- data dir --------------------------------------------------------------------------
 
     @property
     def uuid_file(self) -> Path:
@@ -78,6 +114,72 @@ class RunnerPaths:
     @property
     def seed_image(self) -> Path:
         return self.data_dir / "cidata.img"
+
+    @property
+    def tpm_state(self) -> Path:
+        """swtpm's state directory (the guest's TPM: keys, sealed secrets)."""
+        return self.data_dir / "tpm"
+
+    @property
+    def display_secret_default(self) -> Path:
+        """Where a manager backend keeps a VM's display secret (``runner.displaySecretFile``)."""
+        return self.data_dir / "display-secret"
+
+    def overlay(self, disk: str) -> Path:
+        """The qcow2 overlay (or blank image) the runner makes for disk ``disk`` when the
+        document gives it no path."""
+        return self.data_dir / f"{disk}.qcow2"
+
+    # --- runtime dir -----------------------------------------------------------------------
+
+    @property
+    def pidfile(self) -> Path:
+        return self.runtime_dir / "qemu.pid"
+
+    @property
+    def qmp(self) -> Path:
+        return self.runtime_dir / "qmp.sock"
+
+    @property
+    def qga(self) -> Path:
+        return self.runtime_dir / "qga.sock"
+
+    @property
+    def console(self) -> Path:
+        """The serial console socket qemu serves (one client at a time)."""
+        return self.runtime_dir / "console.sock"
+
+    @property
+    def console_log(self) -> Path:
+        return self.log_file("console")
+
+    @property
+    def stderr(self) -> Path:
+        """qemu's log: its stdout and stderr, and the runner's start lines."""
+        return self.log_file("qemu")
+
+    @property
+    def swtpm_sock(self) -> Path:
+        return self.runtime_dir / "swtpm.sock"
+
+    @property
+    def swtpm_pid(self) -> Path:
+        return self.runtime_dir / "swtpm.pid"
+
+    @property
+    def swtpm_log(self) -> Path:
+        return self.runtime_dir / "swtpm.log"
+
+    @property
+    def started(self) -> Path:
+        """What the running qemu was started with (:mod:`corral.runner.filechannel`)."""
+        return self.runtime_dir / STARTED_FILE
+
+    @property
+    def events_file(self) -> Path:
+        """Where a placement that follows events from a file (systemd) has them written
+        (``corral run --events``); events go to stderr unless asked."""
+        return self.runtime_dir / EVENTS_FILE
 
     def log_file(self, source: LogSource) -> Path:
         """The VM's console log (what the guest printed on its serial console) or qemu's log
@@ -120,10 +222,10 @@ def resolve_paths(
     status = status_file or (settings.status_file if settings else None)
     secret = display_secret_file or (settings.display_secret_file if settings else None)
     chosen_emulator = emulator or (settings.emulator if settings else None) or "qemu-system-x86_64"
-    return RunnerPaths(
-        data_dir=data_path,
-        runtime_dir=runtime_path,
-        status_file=Path(status) if status else runtime_path / "status.json",
+    return RunnerPaths.placed(
+        data_path,
+        runtime_path,
+        status_file=Path(status) if status else None,
         display_secret_file=Path(secret) if secret else None,
         emulator=chosen_emulator,
     )
@@ -253,8 +355,7 @@ def render_for_host(
         firmware_for(doc.vm.firmware.value, str(paths.efivars)) if doc.vm.firmware.is_uefi else None
     )
     ctx = RenderContext(
-        runtime_dir=str(paths.runtime_dir),
-        data_dir=str(paths.data_dir),
+        files=paths,
         accelerator=accel,
         machine_uuid=machine_uuid(doc, paths),
         firmware=firmware,

@@ -1,22 +1,23 @@
 """What a supervisor reports: the VM's state, conditions and live values.
 
-The status is one JSON document, written atomically (write a temp file, fsync, rename) so a
-reader (the manager, a systemd unit's watcher, ``cat``) never sees half of it. Events are JSON
+The status is one JSON document, written atomically (:func:`corral.host.atomic.write_atomic`)
+so a reader (the manager, a systemd unit's watcher, ``cat``) never sees half of it. Events are JSON
 lines with a timestamp, a type and free fields.
 """
 
 from __future__ import annotations
 
-import json
-import os
-import tempfile
 import time
-from collections.abc import Callable
 from dataclasses import asdict, dataclass, field
 from datetime import UTC, datetime
 from enum import StrEnum
-from pathlib import Path
-from typing import IO
+from typing import TYPE_CHECKING
+
+from corral.host.atomic import write_atomic  # re-exported: the one atomic write
+from corral.runner.contract import EventSink  # re-exported: its old home
+
+if TYPE_CHECKING:
+    from corral.runner.filechannel import JsonLinesSink
 
 __all__ = [
     "Condition",
@@ -120,34 +121,13 @@ def _camel(name: str) -> str:
     return head + "".join(part.title() for part in rest)
 
 
-def write_atomic(path: Path, data: bytes, mode: int = 0o644) -> None:
-    """Replace ``path`` with ``data`` so that readers see the old or the new file, whole."""
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", dir=path.parent)
-    try:
-        with os.fdopen(fd, "wb") as f:
-            f.write(data)
-            f.flush()
-            os.fsync(f.fileno())
-        os.chmod(tmp, mode)
-        os.replace(tmp, path)
-    except BaseException:
-        Path(tmp).unlink(missing_ok=True)
-        raise
+def __getattr__(name: str) -> type[JsonLinesSink]:
+    """``JsonLinesSink`` moved to :mod:`corral.runner.filechannel` (kept importable here)."""
+    if name == "JsonLinesSink":
+        from corral.runner.filechannel import JsonLinesSink
 
-
-EventSink = Callable[[dict[str, object]], None]
-
-
-class JsonLinesSink:
-    """Write each event as one JSON line (to stderr or a log file)."""
-
-    def __init__(self, stream: IO[str]) -> None:
-        self._stream = stream
-
-    def __call__(self, event: dict[str, object]) -> None:
-        self._stream.write(json.dumps(event, default=str) + "\n")
-        self._stream.flush()
+        return JsonLinesSink
+    raise AttributeError(f"module {__name__!r} has no attribute {name!r}")
 
 
 def make_event(vm: str, kind: str, **fields: object) -> dict[str, object]:
