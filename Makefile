@@ -12,11 +12,13 @@ PYTEST_ARGS ?=
 
 # Debian packages corral and its tests use at run time. The guest builder (guests/build.py)
 # installs the few it needs on top of these (debootstrap, busybox-static, ...) by itself.
+# rabbitmq-server: the message API's tests start their own broker node from it
+# (tests/e2e/broker.py); openssl makes the test certificates (broker TLS, API TLS).
 APT_PACKAGES := qemu-system-x86 qemu-utils qemu-block-extra swtpm swtpm-tools ovmf \
 	mtools dosfstools genisoimage cpio zstd busybox-static debootstrap \
-	python3-venv systemd iproute2 util-linux
+	python3-venv systemd iproute2 util-linux rabbitmq-server openssl
 APT_COMMANDS := qemu-system-x86_64 qemu-img swtpm swtpm_setup mcopy mkfs.vfat genisoimage \
-	cpio zstd busybox debootstrap systemd-analyze ip unshare
+	cpio zstd busybox debootstrap systemd-analyze ip unshare rabbitmq-server epmd openssl
 
 .PHONY: help run stop test lint bench deps deps-system deps-python guests clean
 

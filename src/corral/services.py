@@ -26,6 +26,7 @@ __all__ = ["DEFAULT_SERVICES", "SERVICES", "ServiceFactory", "build_services", "
 
 SERVICES: dict[str, str] = {
     "api": "corral.api.server:service_from_config",
+    "amqp": "corral.amqp.service:service_from_config",
 }
 DEFAULT_SERVICES = ("api",)
 

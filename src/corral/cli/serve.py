@@ -102,8 +102,9 @@ class _Registered(click.Choice[str]):
 @click.option(
     "--open-policy",
     is_flag=True,
-    help="Serve TCP even though the host policy sets no imagePaths (every token holder may "
-    "then give VMs any host file: root-equivalent, like libvirt's socket).",
+    help="Serve TCP or AMQP even though the host policy sets no imagePaths (every token "
+    "holder, or publisher, may then give VMs any host file: root-equivalent, like libvirt's "
+    "socket).",
 )
 @click.option(
     "--log-format",
@@ -119,6 +120,15 @@ class _Registered(click.Choice[str]):
     default="info",
     show_default=True,
     help="Least level logged (corral's and the API server's loggers).",
+)
+@click.option(
+    "--amqp",
+    "amqp_url",
+    default=None,
+    metavar="URL",
+    help="Also serve aetherscale's message API from this RabbitMQ broker "
+    "(amqp[s]://USER:PASS@HOST:PORT/VHOST; keep credentials in the config's amqp.urlFile "
+    "instead: docs/amqp.md).",
 )
 @click.option(
     "--service",
@@ -147,6 +157,7 @@ def serve(
     log_format: str,
     log_level: str,
     services: tuple[str, ...],
+    amqp_url: str | None,
 ) -> None:
     """Run the manager: keep every VM in its desired state; SIGTERM leaves VMs running.
 
@@ -171,12 +182,25 @@ def serve(
                 "give a VM any host file or device; set imagePaths in the host policy "
                 "(docs/policy.md), or pass --open-policy to accept that"
             )
+    names = cfg.services
+    if amqp_url is not None and "amqp" not in names:
+        names = (*names, "amqp")
+    if "amqp" in names and not open_policy:
+        from corral.spec import load_policy
+
+        if load_policy(cfg.policy_file).image_paths is None:
+            raise click.UsageError(
+                "amqp: the host policy sets no imagePaths, so whoever may publish to the "
+                "broker could give a VM any host file or device; set imagePaths in the host "
+                "policy (docs/policy.md), or pass --open-policy to accept that"
+            )
     api = {
         "socket": None if no_socket else Path(socket_path) if socket_path else default_socket(),
         "socketGroup": socket_group, "listen": listen, "tokensFile": tokens_file,
         "tlsCert": tls_cert, "tlsKey": tls_key,
     }  # fmt: skip
-    built = build_services(cfg.services, cfg, {"api": api})  # all checked before any starts
+    amqp = {"url": amqp_url} if amqp_url is not None else {}
+    built = build_services(names, cfg, {"api": api, "amqp": amqp})  # all checked before any starts
     sys.exit(_run_logged(lambda: asyncio.run(run_daemon(cfg, services=built)),
                          log_format, log_level))  # fmt: skip
 

@@ -7,7 +7,7 @@ Everything defaults to a place under ``--state-dir``, so several daemons can run
 from __future__ import annotations
 
 from pathlib import Path
-from typing import Literal
+from typing import Any, Literal
 
 import yaml
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator
@@ -59,6 +59,11 @@ class ManagerConfig(BaseModel):
     systemd_unit_dir: Path | None = Field(default=None)
     services: tuple[str, ...] = Field(
         default=("api",), description="daemon services to run, by name (corral.services)"
+    )
+    amqp: dict[str, Any] | None = Field(
+        default=None,
+        description="the amqp service's settings (url or urlFile, exchange, queues: "
+        "docs/amqp.md); read by that service, not here",
     )
 
     @field_validator("backend")
