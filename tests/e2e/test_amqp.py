@@ -332,6 +332,13 @@ def test_poison_messages_get_an_error_reply_and_are_acked(
          "options.image", 422),
         ("create-vm", json.dumps({"command": "create-vm", "options": {"image": "x" * 70000}})
          .encode(), "", 413),
+        # 2 KB of nesting: once a RecursionError left it unacked, holding a prefetch slot
+        ("list-vms", b'{"command": "list-vms", "options": {"a": ' + b"[" * 1000 + b"]" * 1000
+         + b"}}", "", 422),
+        # a create sent with list-vms' routing key would reach every host's own queue
+        ("list-vms", b'{"command": "create-vm", "options": {"image": "nope"}}', "command", 422),
+        ("stop-vm", json.dumps({"command": "stop-vm", "options": {"vm-id": "v" * 5000}})
+         .encode(), "options.vm-id", 422),
     ]  # fmt: skip
     for key, raw, loc, status in poison:
         client.publish(None, routing_key=key, raw=raw)
@@ -357,6 +364,10 @@ def test_a_request_delivered_twice_is_applied_once(
     second = client.send_msg(create, message_id=mid)
     assert first == second and ok(first)["status"] == "starting"
     name = ok(first)["vm-id"]
+    # the same id for another request is no redelivery: refused, nothing done, no stale reply
+    reused = refused(client.send_msg({"command": "delete-vm", "options": {"vm-id": name}},
+                                     message_id=mid))  # fmt: skip
+    assert reused["problem"]["status"] == 409 and "already used" in reused["reason"], reused
     assert list(states(client)) == [name]
     # a correlation id (with its reply queue) identifies a request too
     kill = {"command": "stop-vm", "options": {"vm-id": name, "kill": True}}

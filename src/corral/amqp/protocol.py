@@ -34,6 +34,7 @@ __all__ = [
 ]
 
 MAX_BODY_BYTES = 1 << 20
+MAX_TEXT = 253  # a string option (a VM name, an image name): a DNS name's length
 """A request body larger than this is refused unread (aetherscale's are a few hundred bytes;
 corral's full VM documents a few KiB)."""
 
@@ -74,6 +75,11 @@ class Request:
                 f"invalid {self.command} request",
                 [FieldIssue(f"options.{name}", "must be a non-empty string")],
             )
+        if len(value) > MAX_TEXT:  # a name or an image: never a megabyte echoed and logged
+            raise SpecError(
+                f"invalid {self.command} request",
+                [FieldIssue(f"options.{name}", f"at most {MAX_TEXT} characters")],
+            )
         return value
 
     def object(self, name: str) -> dict[str, Any]:
@@ -107,8 +113,8 @@ def parse_request(body: bytes, limit: int = MAX_BODY_BYTES) -> Request:
         )
     try:
         data = json.loads(body.decode("utf-8"))
-    except (UnicodeDecodeError, ValueError) as exc:
-        reason = f"not a JSON document: {exc}"
+    except (UnicodeDecodeError, ValueError, RecursionError) as exc:  # deep nesting: the last
+        reason = f"not a JSON document: {str(exc)[:120]}"
         raise SpecError("invalid request", [FieldIssue("", reason)]) from None
     if not isinstance(data, dict):
         raise SpecError("invalid request", [FieldIssue("", "must be a JSON object")])

@@ -14,6 +14,7 @@ older than :data:`KEEP_SECONDS` are dropped when the log opens.
 from __future__ import annotations
 
 import asyncio
+import hashlib
 import json
 import os
 import sqlite3
@@ -21,9 +22,15 @@ import time
 from pathlib import Path
 from typing import Any
 
-__all__ = ["KEEP_SECONDS", "RequestLog", "request_key"]
+__all__ = ["KEEP_SECONDS", "RequestLog", "body_digest", "request_key"]
 
 KEEP_SECONDS = 7 * 24 * 3600
+
+
+def body_digest(body: bytes) -> str:
+    """What a recorded reply answered: an id used again for another body is not a
+    redelivery, and gets no stale reply."""
+    return hashlib.sha256(body).hexdigest()
 
 
 def request_key(
@@ -50,39 +57,53 @@ class RequestLog:
         self._db.execute("PRAGMA journal_mode=WAL")
         self._db.execute(
             "CREATE TABLE IF NOT EXISTS requests (key TEXT PRIMARY KEY, command TEXT NOT NULL, "
-            "reply TEXT NOT NULL, at REAL NOT NULL)"
+            "reply TEXT NOT NULL, at REAL NOT NULL, body TEXT NOT NULL DEFAULT '')"
         )
         self._db.execute(
             "CREATE TABLE IF NOT EXISTS cursors (name TEXT PRIMARY KEY, value INTEGER NOT NULL)"
         )
+        self._puts = 0
+        self._prune()
+
+    def _prune(self) -> None:
         self._db.execute("DELETE FROM requests WHERE at < ?", (time.time() - KEEP_SECONDS,))
 
     def close(self) -> None:
         self._db.close()
 
-    async def get(self, key: str) -> dict[str, Any] | None:
-        """The reply recorded for ``key``, if any."""
+    async def get(self, key: str) -> tuple[dict[str, Any], str] | None:
+        """The reply recorded for ``key`` and the digest of the body it answered, if any."""
 
-        def read() -> str | None:
-            row = self._db.execute("SELECT reply FROM requests WHERE key = ?", (key,)).fetchone()
-            return None if row is None else str(row[0])
+        def read() -> tuple[str, str] | None:
+            row = self._db.execute(
+                "SELECT reply, body FROM requests WHERE key = ?", (key,)
+            ).fetchone()
+            return None if row is None else (str(row[0]), str(row[1]))
 
         async with self._lock:
-            text = await asyncio.to_thread(read)
-        if text is None:
+            found = await asyncio.to_thread(read)
+        if found is None:
             return None
-        reply: dict[str, Any] = json.loads(text)
-        return reply
+        reply: dict[str, Any] = json.loads(found[0])
+        return reply, found[1]
 
-    async def put(self, key: str, command: str, reply: dict[str, Any]) -> None:
-        """Record ``reply`` as the answer to ``key`` (durably: before the message is acked)."""
+    async def put(
+        self, key: str, command: str, reply: dict[str, Any], body_digest: str = ""
+    ) -> None:
+        """Record ``reply`` as the answer to ``key`` (durably: before the message is acked),
+        with the digest of the body it answered (:func:`body_digest`)."""
         text = json.dumps(reply)
+        self._puts += 1
+        prune = self._puts % 1000 == 0  # not only at start: a daemon runs for months
 
         def write() -> None:
             self._db.execute(
-                "INSERT OR REPLACE INTO requests (key, command, reply, at) VALUES (?, ?, ?, ?)",
-                (key, command, text, time.time()),
+                "INSERT OR REPLACE INTO requests (key, command, reply, at, body) "
+                "VALUES (?, ?, ?, ?, ?)",
+                (key, command, text, time.time(), body_digest),
             )
+            if prune:
+                self._prune()
 
         async with self._lock:
             await asyncio.to_thread(write)

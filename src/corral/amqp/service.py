@@ -43,15 +43,17 @@ from yarl import URL
 
 from corral.amqp.commands import Commands
 from corral.amqp.protocol import (
+    COMMANDS,
     MAX_BODY_BYTES,
     Request,
     error_reply,
     parse_request,
     success_reply,
 )
-from corral.amqp.requests import RequestLog, request_key
+from corral.amqp.requests import RequestLog, body_digest, request_key
 from corral.errors import (
     CapacityError,
+    Conflict,
     CorralError,
     FieldIssue,
     HostError,
@@ -59,6 +61,7 @@ from corral.errors import (
     StoreUnavailable,
 )
 from corral.manager import Manager, ManagerConfig
+from corral.manager.daemonlog import event_fields
 
 __all__ = ["HOST_COMMANDS", "AmqpOptions", "amqp_service", "service_from_config"]
 
@@ -67,6 +70,7 @@ HOST_COMMANDS = ("list-vms", "start-vm", "stop-vm", "delete-vm", "get", "patch")
 CREATE_COMMANDS = ("create-vm", "create")
 """The commands on the shared queue: one daemon takes each."""
 ATTEMPTS_HEADER = "x-corral-create-attempt"
+OWN_QUEUE_ARGUMENTS: dict[str, Any] = {"x-message-ttl": 60_000, "x-expires": 86_400_000}
 
 _log = logging.getLogger("corral.amqp")
 
@@ -224,7 +228,11 @@ class Consumer:
         creates = await self.channel.declare_queue(opts.create_queue, durable=True)
         for command in CREATE_COMMANDS:
             await creates.bind(exchange, command)
-        own = await self.channel.declare_queue(opts.own_queue, durable=True)
+        # a host's own queue keeps a command a minute (a host that was down does not run a
+        # week of old stops and deletes when it comes back) and is gone a day after its host
+        own = await self.channel.declare_queue(
+            opts.own_queue, durable=True, arguments=OWN_QUEUE_ARGUMENTS
+        )
         for command in HOST_COMMANDS:
             await own.bind(exchange, command)
         for queue in (creates, own):
@@ -253,8 +261,12 @@ class Consumer:
         async for event in self.manager.follow(None, after):
             if event.id == 0:
                 continue  # ephemeral progress: not an event of the VM's history
+            # without what a guest or qemu wrote (a console tail, qemu's stderr): any broker
+            # user bound to the exchange reads these, as the daemon log keeps them out too
+            body = {"id": event.id, "vm": event.vm, "time": event.ts, "event": event.kind,
+                    **event_fields(event.data)}  # fmt: skip
             message = aio_pika.Message(
-                json.dumps(event.to_json(), default=str).encode(), content_type="application/json",
+                json.dumps(body, default=str).encode(), content_type="application/json",
                 delivery_mode=aio_pika.DeliveryMode.PERSISTENT, type=event.kind,
                 headers={"host": self.options.host},
             )  # fmt: skip
@@ -295,8 +307,13 @@ class Consumer:
         try:
             await self.handle(message)
         except Exception:  # the consumer must outlive any one message
-            _event("AmqpMessageFailed", logging.ERROR, messageId=message.message_id)
+            _event("AmqpMessageFailed", logging.ERROR, messageId=message.message_id,
+                   redelivered=message.redelivered)  # fmt: skip
             _log.debug("handling failed", exc_info=True)
+            # never left unacked (it would hold a prefetch slot for good): one more try,
+            # then it is dropped; a message that fails twice would fail forever
+            with contextlib.suppress(Exception):
+                await message.reject(requeue=not message.redelivered)
         finally:
             self._in_flight -= 1
             if self._in_flight == 0:
@@ -315,10 +332,26 @@ class Consumer:
             _event("AmqpRequestRefused", logging.WARNING, reason=str(exc)[:200])
         else:
             command = request.command
+            digest = body_digest(message.body)
             recorded = await self.requests.get(key) if key is not None else None
-            if recorded is not None:
-                reply = recorded
+            if recorded is not None and recorded[1] not in ("", digest):
+                reply = error_reply(Conflict(
+                    "this message id (or correlation id and reply queue) was already used for "
+                    "another request: give each request its own id"), host)  # fmt: skip
+                _event("AmqpRequestIdReused", logging.WARNING, command=command)
+            elif recorded is not None:
+                reply = recorded[0]
                 _event("AmqpRequestReplayed", command=command, redelivered=message.redelivered)
+            elif (
+                message.routing_key in COMMANDS
+                and message.routing_key != command
+                and message.routing_key not in (self.options.create_queue, self.options.own_queue)
+            ):
+                # the exchange routed it by its key: a body naming another command would skip
+                # the queue that command belongs to (a create sent as list-vms reaches every host)
+                reply = error_reply(SpecError.single(
+                    "command", f"must be {message.routing_key!r}, the message's routing key"),
+                    host)  # fmt: skip
             else:
                 try:
                     reply, final = await self._run(request, key)
@@ -327,7 +360,7 @@ class Consumer:
                         return
                     reply, final = error_reply(exc, host), True
                 if key is not None and final and command not in ("list-vms", "get"):
-                    await self.requests.put(key, command, reply)
+                    await self.requests.put(key, command, reply, digest)
         if message.reply_to:
             try:
                 await self.channel_or_fail().default_exchange.publish(
@@ -372,7 +405,10 @@ class Consumer:
         the capacity error is the answer)."""
         headers = dict(message.headers or {})
         raw = headers.get(ATTEMPTS_HEADER, 1)
-        attempts = (raw if isinstance(raw, int) else 1) + 1
+        if not isinstance(raw, int) or isinstance(raw, bool):
+            raw = 1
+        # a publisher sets this header too: clamped, so no header makes a create bounce on
+        attempts = min(max(raw, 1), self.options.create_attempts) + 1
         if attempts > self.options.create_attempts:
             return False
         headers[ATTEMPTS_HEADER] = attempts

@@ -7,6 +7,7 @@ from __future__ import annotations
 
 import asyncio
 import sys
+import urllib.parse
 from collections.abc import Callable
 from pathlib import Path
 
@@ -200,6 +201,13 @@ def serve(
         "tlsCert": tls_cert, "tlsKey": tls_key,
     }  # fmt: skip
     amqp = {"url": amqp_url} if amqp_url is not None else {}
+    if amqp_url is not None and urllib.parse.urlsplit(amqp_url).password:
+        click.echo(
+            "warning: --amqp carries a password, which every local user can read in the "
+            "process list; put the URL in a file named by the config's amqp.urlFile instead "
+            "(docs/amqp.md)",
+            err=True,
+        )
     built = build_services(names, cfg, {"api": api, "amqp": amqp})  # all checked before any starts
     sys.exit(_run_logged(lambda: asyncio.run(run_daemon(cfg, services=built)),
                          log_format, log_level))  # fmt: skip
