@@ -22,7 +22,6 @@ from __future__ import annotations
 import asyncio
 import logging
 import os
-import shutil
 import signal
 import socket
 import subprocess
@@ -30,7 +29,6 @@ import sys
 import threading
 import time
 from collections.abc import AsyncIterator, Callable
-from pathlib import Path
 from typing import Any
 
 import pytest
@@ -40,7 +38,7 @@ from corral.manager import Manager
 from corral.runner.status import VmState
 from corral.spec import HostPolicy
 from tests.integration.test_boot_failures import forward
-from tests.integration.test_manager import Box, qemu_pids, tiny, until
+from tests.integration.test_manager import Box, box_maker, qemu_pids, tiny, until
 from tests.unit.test_store_errors import locked
 
 pytestmark = [pytest.mark.integration, pytest.mark.slow]
@@ -51,35 +49,8 @@ BAD_VGA = ["-vga", "bogusvga"]  # qemu exits with code 1: "unknown vga type"
 
 @pytest.fixture
 async def make_box() -> AsyncIterator[Callable[..., Box]]:
-    boxes: list[Box] = []
-
-    def make(**config: Any) -> Box:
-        root = Path(os.path.realpath("/tmp")) / f"fs-{os.getpid()}-{time.monotonic_ns() % 10**8}"
-        root.mkdir()
-        b = Box(root, **config)
-        boxes.append(b)
-        return b
-
-    yield make
-    for b in boxes:
-        if b.manager is not None:
-            await b.manager.close()
-    for pid in _our_qemus():
-        os.kill(pid, signal.SIGKILL)
-    for b in boxes:
-        shutil.rmtree(b.root, ignore_errors=True)
-
-
-def _our_qemus() -> list[int]:
-    found = []
-    for entry in Path("/proc").iterdir():
-        try:
-            argv = (entry / "cmdline").read_bytes()
-        except OSError:
-            continue
-        if b"qemu-system" in argv and f"guest={PREFIX}".encode() in argv:
-            found.append(int(entry.name))
-    return found
+    async with box_maker(PREFIX) as make:
+        yield make
 
 
 def count(m: Manager, name: str, kind: str) -> int:

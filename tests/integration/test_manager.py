@@ -4,6 +4,7 @@ crash restarts with backoff, concurrency, live changes, images and disks."""
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import os
 import random
 import shutil
@@ -53,8 +54,9 @@ async def until(check: Callable[[], bool], timeout: float, what: str) -> None:
         await asyncio.sleep(0.1)
 
 
-def qemu_pids(name: str) -> list[int]:
-    """Every live qemu on this host whose -name is ``guest=<name>``."""
+def qemu_pids(name: str, *, prefix: bool = False) -> list[int]:
+    """Every live qemu on this host whose -name is ``guest=<name>`` (``prefix``: whose guest
+    name begins with ``name``)."""
     found = []
     for entry in Path("/proc").iterdir():
         if not entry.name.isdigit():
@@ -69,10 +71,38 @@ def qemu_pids(name: str) -> list[int]:
             state != "Z"
             and argv
             and b"qemu-system" in argv[0]
-            and any(a == wanted or a.startswith(wanted + b",") for a in argv)
+            and any(
+                a.startswith(wanted) if prefix else a == wanted or a.startswith(wanted + b",")
+                for a in argv
+            )
         ):
             found.append(int(entry.name))
     return found
+
+
+@contextlib.asynccontextmanager
+async def box_maker(prefix: str) -> AsyncIterator[Callable[..., Box]]:
+    """Make :class:`Box` es in fresh state dirs; at the end their managers are closed, every
+    qemu whose guest name begins with ``prefix`` is killed and the dirs are removed."""
+    boxes: list[Box] = []
+
+    def make(**config: Any) -> Box:
+        unique = f"{os.getpid()}-{time.monotonic_ns() % 10**8}"
+        root = Path(os.path.realpath("/tmp")) / f"{prefix}{unique}"
+        root.mkdir()
+        boxes.append(Box(root, **config))
+        return boxes[-1]
+
+    try:
+        yield make
+    finally:
+        for b in boxes:
+            if b.manager is not None:
+                await b.manager.close()
+        for pid in qemu_pids(prefix, prefix=True):
+            os.kill(pid, signal.SIGKILL)
+        for b in boxes:
+            shutil.rmtree(b.root, ignore_errors=True)
 
 
 class Box:

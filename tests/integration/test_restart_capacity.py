@@ -7,11 +7,9 @@ from __future__ import annotations
 import asyncio
 import os
 import random
-import shutil
 import signal
 import time
 from collections.abc import AsyncIterator
-from pathlib import Path
 from typing import Any
 
 import pytest
@@ -19,7 +17,7 @@ import pytest
 from corral.errors import PolicyError, SpecError
 from corral.manager.store import StoredEvent
 from corral.spec import HostPolicy
-from tests.integration.test_manager import Box, qemu_pids, tiny, until
+from tests.integration.test_manager import Box, box_maker, qemu_pids, tiny, until
 
 pytestmark = [pytest.mark.integration, pytest.mark.slow]
 
@@ -28,23 +26,8 @@ NAMES = [f"rc{i}" for i in range(6)]
 
 @pytest.fixture
 async def make_box() -> AsyncIterator[Any]:
-    boxes: list[Box] = []
-
-    def make(**config: Any) -> Box:
-        root = Path(os.path.realpath("/tmp")) / f"rc-{os.getpid()}-{time.monotonic_ns() % 10**8}"
-        root.mkdir()
-        b = Box(root, **config)
-        boxes.append(b)
-        return b
-
-    yield make
-    for b in boxes:
-        for name in NAMES:
-            for pid in qemu_pids(name):
-                os.kill(pid, signal.SIGKILL)
-        if b.manager is not None:
-            await b.manager.close()
-        shutil.rmtree(b.root, ignore_errors=True)
+    async with box_maker("rc") as make:
+        yield make
 
 
 def restarts(b: Box, name: str) -> list[StoredEvent]:

@@ -167,37 +167,8 @@ def test_a_stream_prints_as_it_comes() -> None:
     assert stream("wide").splitlines()[1].split() == ["7", "web1", "Started"]
 
 
-def test_rich_table_only_on_a_real_terminal() -> None:
-    """A pseudo-terminal (os.openpty): the same rows come out as a rich table with a rule."""
-    master, slave = pty.openpty()
-    try:
-        with open(slave, "w", encoding="utf-8", closefd=False) as tty:
-            assert tty.isatty()
-            table(["NAME", "STATE"], [["web1", "Running"]], file=tty)
-        os.set_blocking(master, False)
-        got = b""
-        deadline = time.monotonic() + 5
-        while b"Running" not in got and time.monotonic() < deadline:
-            try:
-                got += os.read(master, 65536)
-            except BlockingIOError:
-                time.sleep(0.01)
-    finally:
-        os.close(slave)
-        os.close(master)
-    text = got.decode()
-    assert "web1" in text and "Running" in text
-    assert BOX.search(text), text  # the rule under the header
-    plain = printed(table, ["NAME", "STATE"], [["web1", "Running"]])
-    assert plain == "NAME   STATE\nweb1   Running\n"
-
-
-NASTY = "x\x1b]0;owned\x07\u009b2J\u202egnp.exe\u0085y"  # OSC, C1 CSI, bidi, NEL
-SHOWN = "x^[]0;owned^G\\x9b2J\\u202egnp.exe\\x85y"
-
-
-def read_pty(write: Any) -> str:
-    """What ``write(tty)`` puts on a pseudo-terminal (os.openpty)."""
+def read_pty(write: Any, until: bytes = b"end") -> str:
+    """What ``write(tty)`` puts on a pseudo-terminal (os.openpty), read until ``until``."""
     master, slave = pty.openpty()
     try:
         with open(slave, "w", encoding="utf-8", closefd=False) as tty:
@@ -205,7 +176,7 @@ def read_pty(write: Any) -> str:
         os.set_blocking(master, False)
         got = b""
         deadline = time.monotonic() + 5
-        while b"end" not in got and time.monotonic() < deadline:
+        while until not in got and time.monotonic() < deadline:
             try:
                 got += os.read(master, 65536)
             except BlockingIOError:
@@ -214,6 +185,24 @@ def read_pty(write: Any) -> str:
         os.close(slave)
         os.close(master)
     return got.decode()
+
+
+def test_rich_table_only_on_a_real_terminal() -> None:
+    """A pseudo-terminal (os.openpty): the same rows come out as a rich table with a rule."""
+
+    def write(tty: Any) -> None:
+        assert tty.isatty()
+        table(["NAME", "STATE"], [["web1", "Running"]], file=tty)
+
+    text = read_pty(write, until=b"Running")
+    assert "web1" in text and "Running" in text
+    assert BOX.search(text), text  # the rule under the header
+    plain = printed(table, ["NAME", "STATE"], [["web1", "Running"]])
+    assert plain == "NAME   STATE\nweb1   Running\n"
+
+
+NASTY = "x\x1b]0;owned\x07\u009b2J\u202egnp.exe\u0085y"  # OSC, C1 CSI, bidi, NEL
+SHOWN = "x^[]0;owned^G\\x9b2J\\u202egnp.exe\\x85y"
 
 
 def test_the_daemons_text_is_shown_not_obeyed_in_every_format() -> None:
