@@ -365,6 +365,29 @@ def test_poison_messages_get_an_error_reply_and_are_acked(
     assert "Traceback" not in stack.full_log()
 
 
+def test_a_body_over_the_brokers_max_message_size_never_reaches_a_daemon(
+    stack: AmqpStack, client: AetherscaleClient, rabbitmq: Broker
+) -> None:
+    """docs/amqp.md's advice for the body limit (aiormq buffers a delivery whole before the
+    daemon sees it): with ``max_message_size = 1048576`` the broker closes the publisher's
+    channel and no daemon reads the 2 MiB; the daemon answers on as before."""
+    refused_before = stack.full_log().count("AmqpRequestRefused")
+    big = pika.BlockingConnection(pika.URLParameters(rabbitmq.url))
+    try:
+        channel = big.channel()
+        body = json.dumps({"command": "create-vm", "options": {"image": "x" * 2**21}}).encode()
+        channel.basic_publish(exchange="computing", routing_key="create-vm", body=body)
+        deadline = time.monotonic() + 30
+        while channel.is_open and time.monotonic() < deadline:
+            big.process_data_events(time_limit=0.1)
+        assert channel.is_closed  # the broker's 406: "message size ... larger than ... max"
+    finally:
+        big.close()
+    assert ok(client.send_msg({"command": "list-vms"})) == []
+    assert stack.full_log().count("AmqpRequestRefused") == refused_before
+    assert queue_depth(rabbitmq, "computing-competing") == 0
+
+
 def test_a_request_delivered_twice_is_applied_once(
     stack: AmqpStack, client: AetherscaleClient, tmp_path: Path
 ) -> None:

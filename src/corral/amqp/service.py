@@ -1,13 +1,21 @@
 """The ``amqp`` daemon service: aetherscale's RabbitMQ protocol served by the manager, on
 aio-pika's robust connection.
 
-Topology (aetherscale's, so its clients work unchanged)::
+Topology (aetherscale's exchange and keys, so its clients work unchanged)::
 
     client ──publish(routing key = command)──► exchange "computing" (direct, durable)
-        create-vm ─────────────────────────────► queue "computing-competing" (shared: the
-                                                  daemons compete for creates)
-        list-vms, start-vm, stop-vm, delete-vm ─► queue "computing-host-<host>" (this daemon's)
+        create-vm, create ─────────────► queue "computing-competing" (shared: one daemon each)
+        start-vm, stop-vm, delete-vm, ─► queue "computing-vm-commands" (shared: the daemon
+        get, patch, set-cd                taking one answers it if it owns the VM, else
+                                          forwards it to exchange "computing-vms" as
+                                          vm.<name>; returned unrouted: it answers 404)
+        list-vms, <host>.<command> ────► queue "computing-host-<host>" (this daemon's), also
+                                          bound to "computing-vms" as vm.<name> per VM it owns
     daemon ──reply(correlation_id)──► the request's reply_to (e.g. amq.rabbitmq.reply-to)
+
+The ``vm.<name>`` bindings are the registry of owners on the bus: claimed before a create
+writes the store (so a create redelivered to another host after its first died goes to the
+first, not applied twice), released when the VM is gone.
 
 Reliability: a message is acknowledged only after the manager has taken the command (it is in
 the store), its reply recorded in the request log (:mod:`corral.amqp.requests`) and published
