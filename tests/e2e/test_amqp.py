@@ -751,11 +751,14 @@ def test_a_create_redelivered_to_another_host_after_its_first_died_is_applied_on
     finally:
         lock.close()
     try:
+        stack.wait(lambda: queue_depth(rabbitmq, "computing-competing") == 1, 30,
+                   "the unacked create back in the shared queue")  # fmt: skip
         with running(rabbitmq, "h2") as h2:
-            stack.wait(lambda: "AmqpForwarded" in h2.full_log(), 60, "h2 took and forwarded it")
-            assert queue_depth(rabbitmq, "computing-competing") == 0
+            stack.wait(lambda: queue_depth(rabbitmq, "computing-competing") == 0, 60,
+                       "h2 took the create")  # fmt: skip
+            assert json.loads(h2.ok("list", "-o", "json"))["items"] == []  # not applied again
+            assert "AmqpForwarded" in h2.full_log()
             assert queue_depth(rabbitmq, f"computing-host-{HOST}") == 1  # waiting for h1
-            assert json.loads(h2.ok("list", "-o", "json"))["items"] == []
             assert client.gather(1) == []  # no host answered it yet
             stack.start()
             (reply,) = client.collect(1, 60) + client.gather(1.5)
