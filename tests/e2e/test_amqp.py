@@ -36,6 +36,7 @@ from corral.spec.aetherscale import create_document
 from tests.e2e.broker import Broker, rabbitmq
 from tests.e2e.test_api_cli import Stack, _env
 from tests.integration.test_manager import qemu_pids, tiny
+from tests.integration.test_supervisor import _iso
 
 __all__ = ["rabbitmq"]  # the broker fixture, used by this module's fixtures
 
@@ -270,7 +271,8 @@ def test_aetherscale_round_trip_runs_real_qemu(
 def test_tiny_guest_booted_and_powered_down_by_message(
     stack: AmqpStack, client: AetherscaleClient, tiny_guest: Any
 ) -> None:
-    doc = tiny(tiny_guest, "amqp-tiny", state="Stopped")
+    doc = tiny(tiny_guest, "amqp-tiny", state="Stopped",
+               disks=[{"name": "cd0", "cdrom": {"image": ""}}])  # fmt: skip
     (stack.root / "amqp-tiny.yaml").write_text(yaml.safe_dump(doc))
     stack.ok("apply", "-f", str(stack.root / "amqp-tiny.yaml"))
     assert states(client) == {"amqp-tiny": "Stopped"}
@@ -279,6 +281,21 @@ def test_tiny_guest_booted_and_powered_down_by_message(
     stack.wait(lambda: stack.vm("amqp-tiny")["status"]["conditions"].get("Booted", {})
                .get("status") is True, 180, "the tiny guest booted")  # fmt: skip
     assert stack.guest("amqp-tiny", "echo $((6*7))") == "42"  # the guest itself answers
+
+    # set-cd: the disc goes into the running guest's drive, then out again
+    iso = _iso(stack.root / "amqp.iso", "amqp disc")
+    read = "mount -t iso9660 -o ro /dev/sr0 /mnt 2>/dev/null && cat /mnt/hello.txt; umount /mnt"
+    put = ok(client.send_msg({"command": "set-cd",
+                              "options": {"vm-id": "amqp-tiny", "image": str(iso)}}))  # fmt: skip
+    assert (put["drive"], put["image"]) == ("cd0", str(iso))
+    stack.wait(lambda: stack.guest("amqp-tiny", f"{read} 2>/dev/null; true") == "amqp disc",
+               60, "the guest reads the disc")  # fmt: skip
+    out = ok(
+        client.send_msg({"command": "set-cd", "options": {"vm-id": "amqp-tiny", "image": None}})
+    )
+    assert out["image"] is None and out["vm"]["spec"]["vm"]["disks"][0]["cdrom"]["image"] == ""
+    stack.wait(lambda: stack.guest("amqp-tiny", f"{read} 2>/dev/null; true") == "", 60,
+               "the disc ejected in the guest")  # fmt: skip
     assert ok(client.send_msg({"command": "stop-vm", "options": {"vm-id": "amqp-tiny"}})) == {
         "status": "stopped", "vm-id": "amqp-tiny"}  # fmt: skip
     wait_state(stack, client, "amqp-tiny", "Stopped", 120)
