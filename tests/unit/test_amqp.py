@@ -372,6 +372,9 @@ def test_options_from_config_flags_and_url_file(tmp_path: Path) -> None:
     assert opts.url == "amqps://corral:s3cret@mq.example:5671/vms"
     assert opts.own_queue == "computing-host-h1" and opts.create_queue == "computing-competing"
     assert opts.exchange == "computing" and opts.prefetch == 4
+    assert (opts.route_queue, opts.vms_exchange) == ("computing-vm-commands", "computing-vms")
+    moved = parse_options({"url": "amqp://x/", "routeQueue": "r", "vmsExchange": "v"})
+    assert (moved.route_queue, moved.vms_exchange) == ("r", "v")
     assert "s3cret" not in opts.safe_url() and "s3cret" not in repr(opts)
 
     cases: list[tuple[dict[str, object], str]] = [
@@ -383,6 +386,8 @@ def test_options_from_config_flags_and_url_file(tmp_path: Path) -> None:
         ({"url": "amqp://x/", "prefetch": 0}, "amqp.prefetch"),
         ({"url": "amqp://x/", "reconnectSeconds": -1}, "amqp.reconnectSeconds"),
         ({"url": "amqp://x/", "exchange": ""}, "amqp.exchange"),
+        ({"url": "amqp://x/", "routeQueue": ""}, "amqp.routeQueue"),
+        ({"url": "amqp://x/", "vmsExchange": 3}, "amqp.vmsExchange"),
     ]
     for options, loc in cases:
         with pytest.raises(SpecError) as exc:
