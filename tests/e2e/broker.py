@@ -77,6 +77,7 @@ class Broker:
             "ssl_options.verify = verify_none\nssl_options.fail_if_no_peer_cert = false\n"
             "log.console = false\nlog.file.level = info\n"
             "disk_free_limit.absolute = 1MB\n"
+            "max_message_size = 1048576\n"  # docs/amqp.md's advice: no daemon buffers more
         )
         (root / "enabled_plugins").write_text("[].\n")
         (root / "rabbitmq-env.conf").write_text("")

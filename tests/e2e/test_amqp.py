@@ -16,6 +16,7 @@ import json
 import os
 import shutil
 import signal
+import sqlite3
 import statistics
 import subprocess
 import sys
@@ -35,6 +36,7 @@ from corral.spec.aetherscale import create_document
 from tests.e2e.broker import Broker, rabbitmq
 from tests.e2e.test_api_cli import Stack, _env
 from tests.integration.test_manager import qemu_pids, tiny
+from tests.integration.test_supervisor import _iso
 
 __all__ = ["rabbitmq"]  # the broker fixture, used by this module's fixtures
 
@@ -123,10 +125,10 @@ class AetherscaleClient:
         self.replies.append((properties, json.loads(body)))
 
     def publish(self, data: object, *, routing_key: str | None = None, raw: bytes | None = None,
-                reply: bool = True, **props: Any) -> None:  # fmt: skip
+                reply: bool = True, exchange: str = "computing", **props: Any) -> None:  # fmt: skip
         key = routing_key or (data["command"] if isinstance(data, dict) else "list-vms")
         self.channel.basic_publish(
-            exchange="computing",
+            exchange=exchange,
             routing_key=key,
             properties=pika.BasicProperties(
                 reply_to="amq.rabbitmq.reply-to" if reply else None,
@@ -141,6 +143,18 @@ class AetherscaleClient:
             self.connection.process_data_events(time_limit=0.05)
         got, self.replies = self.replies, []
         assert len(got) >= expect, f"{len(got)} of {expect} replies within {timeout}s"
+        return [body for _, body in got]
+
+    def gather(self, quiet: float) -> list[dict[str, Any]]:
+        """Every reply that arrives until none has for ``quiet`` seconds (aetherscale's
+        client takes all it gets within 5 s)."""
+        deadline = time.monotonic() + quiet
+        while time.monotonic() < deadline:
+            seen = len(self.replies)
+            self.connection.process_data_events(time_limit=0.05)
+            if len(self.replies) > seen:
+                deadline = time.monotonic() + quiet
+        got, self.replies = self.replies, []
         return [body for _, body in got]
 
     def send_msg(self, data: dict[str, Any], timeout: float = 60, **props: Any) -> dict[str, Any]:
@@ -257,7 +271,8 @@ def test_aetherscale_round_trip_runs_real_qemu(
 def test_tiny_guest_booted_and_powered_down_by_message(
     stack: AmqpStack, client: AetherscaleClient, tiny_guest: Any
 ) -> None:
-    doc = tiny(tiny_guest, "amqp-tiny", state="Stopped")
+    doc = tiny(tiny_guest, "amqp-tiny", state="Stopped",
+               disks=[{"name": "cd0", "cdrom": {"image": ""}}])  # fmt: skip
     (stack.root / "amqp-tiny.yaml").write_text(yaml.safe_dump(doc))
     stack.ok("apply", "-f", str(stack.root / "amqp-tiny.yaml"))
     assert states(client) == {"amqp-tiny": "Stopped"}
@@ -266,6 +281,21 @@ def test_tiny_guest_booted_and_powered_down_by_message(
     stack.wait(lambda: stack.vm("amqp-tiny")["status"]["conditions"].get("Booted", {})
                .get("status") is True, 180, "the tiny guest booted")  # fmt: skip
     assert stack.guest("amqp-tiny", "echo $((6*7))") == "42"  # the guest itself answers
+
+    # set-cd: the disc goes into the running guest's drive, then out again
+    iso = _iso(stack.root / "amqp.iso", "amqp disc")
+    read = "mount -t iso9660 -o ro /dev/sr0 /mnt 2>/dev/null && cat /mnt/hello.txt; umount /mnt"
+    put = ok(client.send_msg({"command": "set-cd",
+                              "options": {"vm-id": "amqp-tiny", "image": str(iso)}}))  # fmt: skip
+    assert (put["drive"], put["image"]) == ("cd0", str(iso))
+    stack.wait(lambda: stack.guest("amqp-tiny", f"{read} 2>/dev/null; true") == "amqp disc",
+               60, "the guest reads the disc")  # fmt: skip
+    out = ok(
+        client.send_msg({"command": "set-cd", "options": {"vm-id": "amqp-tiny", "image": None}})
+    )
+    assert out["image"] is None and out["vm"]["spec"]["vm"]["disks"][0]["cdrom"]["image"] == ""
+    stack.wait(lambda: stack.guest("amqp-tiny", f"{read} 2>/dev/null; true") == "", 60,
+               "the disc ejected in the guest")  # fmt: skip
     assert ok(client.send_msg({"command": "stop-vm", "options": {"vm-id": "amqp-tiny"}})) == {
         "status": "stopped", "vm-id": "amqp-tiny"}  # fmt: skip
     wait_state(stack, client, "amqp-tiny", "Stopped", 120)
@@ -325,8 +355,7 @@ def test_poison_messages_get_an_error_reply_and_are_acked(
         ("start-vm", b'{"command": "reboot-host"}', "command", 422),
         ("start-vm", b'{"command": "start-vm"}', "options.vm-id", 422),
         ("stop-vm", b'{"command": "stop-vm", "options": {"vm-id": 5}}', "options.vm-id", 422),
-        ("stop-vm", b'{"command": "stop-vm", "options": {"vm-id": "x", "kill": "yes"}}',
-         "options.kill", 422),
+        ("set-cd", b'{"command": "set-cd", "options": {"vm-id": "x"}}', "options.image", 422),
         ("create-vm", b'{"command": "create-vm", "options": {}}', "options.image", 422),
         ("create-vm", b'{"command": "create-vm", "options": {"image": "../etc"}}',
          "options.image", 422),
@@ -349,7 +378,31 @@ def test_poison_messages_get_an_error_reply_and_are_acked(
     assert ok(client.send_msg({"command": "list-vms"})) == []  # the consumer is still there
     assert queue_depth(rabbitmq, f"computing-host-{HOST}") == 0  # every one acked
     assert queue_depth(rabbitmq, "computing-competing") == 0
+    assert queue_depth(rabbitmq, "computing-vm-commands") == 0
     assert "Traceback" not in stack.full_log()
+
+
+def test_a_body_over_the_brokers_max_message_size_never_reaches_a_daemon(
+    stack: AmqpStack, client: AetherscaleClient, rabbitmq: Broker
+) -> None:
+    """docs/amqp.md's advice for the body limit (aiormq buffers a delivery whole before the
+    daemon sees it): with ``max_message_size = 1048576`` the broker closes the publisher's
+    channel and no daemon reads the 2 MiB; the daemon answers on as before."""
+    refused_before = stack.full_log().count("AmqpRequestRefused")
+    big = pika.BlockingConnection(pika.URLParameters(rabbitmq.url))
+    try:
+        channel = big.channel()
+        body = json.dumps({"command": "create-vm", "options": {"image": "x" * 2**21}}).encode()
+        channel.basic_publish(exchange="computing", routing_key="create-vm", body=body)
+        deadline = time.monotonic() + 30
+        while channel.is_open and time.monotonic() < deadline:
+            big.process_data_events(time_limit=0.1)
+        assert channel.is_closed  # the broker's 406: "message size ... larger than ... max"
+    finally:
+        big.close()
+    assert ok(client.send_msg({"command": "list-vms"})) == []
+    assert stack.full_log().count("AmqpRequestRefused") == refused_before
+    assert queue_depth(rabbitmq, "computing-competing") == 0
 
 
 def test_a_request_delivered_twice_is_applied_once(
@@ -594,3 +647,146 @@ def test_a_daemon_over_tls_with_the_url_in_a_file(
         log.close()
         tls.stop()
         shutil.rmtree(root, ignore_errors=True)
+
+
+def quantiles_ms(samples: list[float]) -> str:
+    p99 = statistics.quantiles(samples, n=100, method="inclusive")[98]
+    return f"p50 {statistics.median(samples) * 1000:.1f} ms, p99 {p99 * 1000:.1f} ms"
+
+
+def test_per_vm_commands_get_one_reply_from_the_host_that_owns_the_vm(
+    stack: AmqpStack, client: AetherscaleClient, rabbitmq: Broker, tiny_guest: Any
+) -> None:
+    """Two daemons; a VM on each, made through each host's own CLI (the bus learns owners from
+    the store, whoever writes it). aetherscale's per-VM commands (routing key = the command)
+    get exactly one reply, from the owner; a VM no host has exactly one 404; ``<host>.<cmd>``
+    and the VMs exchange address one host; a name another host holds is refused (409)."""
+    with running(rabbitmq, "h2") as h2:
+        for host, name in ((stack, "own-1"), (h2, "own-2")):
+            (host.root / f"{name}.yaml").write_text(
+                yaml.safe_dump(tiny(tiny_guest, name, state="Stopped")))  # fmt: skip
+            host.ok("apply", "-f", str(host.root / f"{name}.yaml"))
+        owners = {"own-1": HOST, "own-2": "h2"}
+
+        def replies(data: dict[str, Any], **kw: Any) -> list[dict[str, Any]]:
+            client.publish(data, **kw)
+            return client.gather(1.5)
+
+        for name in owners:  # claimed on the bus a moment after the store's write
+            stack.wait(lambda n=name: [r["execution-info"]["status"] for r in replies(
+                {"command": "get", "options": {"vm-id": n}})] == ["success"], 30,
+                f"{name} claimed")  # fmt: skip
+        for name, owner in owners.items():
+            for data in ({"command": "get", "options": {"vm-id": name}},
+                         {"command": "stop-vm", "options": {"vm-id": name}},
+                         {"command": "patch", "options": {"vm-id": name, "patch": {
+                             "spec": {"vm": {"currentCpus": 1}}}}}):  # fmt: skip
+                got = replies(data)
+                assert len(got) == 1, (data, got)
+                ok(got[0], owner)
+            assert ok(got[0], owner)["metadata"]["name"] == name
+        (stop,) = replies({"command": "stop-vm", "options": {"vm-id": "own-2"}})
+        assert ok(stop, "h2")["hint"] == 'VM "own-2" was not running'
+
+        # no host has it: one 404, from whichever host took the command
+        took: list[float] = []
+        for i in range(20):
+            t = time.perf_counter()
+            client.publish({"command": "start-vm", "options": {"vm-id": f"ghost-{i}"}})
+            (first,) = client.collect(1, 30)
+            took.append(time.perf_counter() - t)
+            assert refused(first)["problem"]["status"] == 404
+            assert refused(first)["reason"] == f"VM 'ghost-{i}' not found"
+        assert client.gather(1.5) == []  # and no second answer
+        assert statistics.median(took) < 2.0
+
+        # addressed: <host>.<command> to one host, vm.<name> on the VMs exchange to its owner
+        (miss,) = replies({"command": "get", "options": {"vm-id": "own-1"}}, routing_key="h2.get")
+        assert refused(miss)["problem"]["status"] == 404 and miss["execution-info"]["host"] == "h2"
+        (hit,) = replies({"command": "get", "options": {"vm-id": "own-1"}}, routing_key="h1.get")
+        ok(hit, HOST)
+        (direct,) = replies({"command": "get", "options": {"vm-id": "own-2"}},
+                            exchange="computing-vms", routing_key="vm.own-2")  # fmt: skip
+        ok(direct, "h2")
+        (wrong,) = replies({"command": "delete-vm", "options": {"vm-id": "own-1"}},
+                           exchange="computing-vms", routing_key="vm.own-2")  # fmt: skip
+        assert [e["loc"] for e in refused(wrong)["problem"]["errors"]] == ["options.vm-id"]
+
+        # names are unique across hosts: a create of own-2, whichever host takes it, is h2's 409
+        taken = tiny(tiny_guest, "own-2", state="Stopped")
+        (dup,) = replies({"command": "create", "options": {"document": taken}})
+        assert refused(dup)["problem"]["status"] == 409 and dup["execution-info"]["host"] == "h2"
+        assert "own-2" not in {v["metadata"]["name"] for v in json.loads(
+            stack.ok("list", "-o", "json"))["items"]}  # fmt: skip
+
+        # the round trip of a per-VM command with two hosts (half of them forwarded)
+        rtt: list[float] = []
+        for i in range(40):
+            name = ("own-1", "own-2")[i % 2]
+            t = time.perf_counter()
+            ok(client.send_msg({"command": "get", "options": {"vm-id": name}}), owners[name])
+            rtt.append(time.perf_counter() - t)
+        assert client.gather(0.5) == []
+        lines = [
+            f"per-VM get, two hosts: {quantiles_ms(rtt)} (n={len(rtt)})",
+            f"404 for an unknown VM, two hosts: {quantiles_ms(took)} (n={len(took)})",
+        ]
+        print("\n".join(lines))
+        with FIGURES.open("a") as f:
+            f.write("\n".join(lines) + "\n")
+        assert statistics.median(rtt) < 2.0
+
+        (gone,) = replies({"command": "delete-vm", "options": {"vm-id": "own-2"}})
+        assert ok(gone, "h2")["status"] == "deleted"
+        (after,) = replies({"command": "get", "options": {"vm-id": "own-2"}})
+        assert refused(after)["problem"]["status"] == 404
+    (last,) = replies({"command": "delete-vm", "options": {"vm-id": "own-1"}})
+    assert ok(last)["status"] == "deleted"
+
+
+def test_a_create_redelivered_to_another_host_after_its_first_died_is_applied_once(
+    stack: AmqpStack, rabbitmq: Broker, tiny_guest: Any
+) -> None:
+    """h1 takes a create, writes the VM, and is killed before it acks (its request log held
+    locked by the test, so the reply is never sent); the broker hands the create to h2,
+    which finds the name claimed by h1 on the bus and forwards it there instead of creating
+    it; h1, restarted, answers it as the first time. One VM in all."""
+    assert stack.proc is not None
+    client = AetherscaleClient(rabbitmq.url)
+    headers = {"Authorization": f"Bearer {stack.token}"}
+    lock = sqlite3.connect(stack.root / "state" / "amqp-requests.db", isolation_level=None)
+    try:
+        lock.execute("BEGIN EXCLUSIVE")  # h1's write of the reply waits (5 s, then fails)
+        doc = tiny(tiny_guest, "once", state="Stopped")
+        client.publish({"command": "create", "options": {"document": doc}},
+                       message_id=f"once-{uuid.uuid4()}", delivery_mode=2)  # fmt: skip
+        with httpx.Client(base_url=f"http://127.0.0.1:{stack.port}", headers=headers) as rest:
+            stack.wait(lambda: rest.get("/v1/vms/once").status_code == 200, 4,
+                       "h1 wrote the VM")  # fmt: skip
+        os.kill(stack.proc.pid, signal.SIGKILL)
+        stack.proc.wait(30)
+    finally:
+        lock.close()
+    try:
+        stack.wait(lambda: queue_depth(rabbitmq, "computing-competing") == 1, 30,
+                   "the unacked create back in the shared queue")  # fmt: skip
+        with running(rabbitmq, "h2") as h2:
+            stack.wait(lambda: queue_depth(rabbitmq, "computing-competing") == 0, 60,
+                       "h2 took the create")  # fmt: skip
+            assert json.loads(h2.ok("list", "-o", "json"))["items"] == []  # not applied again
+            assert "AmqpForwarded" in h2.full_log()
+            assert queue_depth(rabbitmq, f"computing-host-{HOST}") == 1  # waiting for h1
+            assert client.gather(1) == []  # no host answered it yet
+            stack.start()
+            (reply,) = client.collect(1, 60) + client.gather(1.5)
+            assert ok(reply, HOST)["metadata"]["name"] == "once"
+            assert json.loads(h2.ok("list", "-o", "json"))["items"] == []
+        events = [
+            json.loads(line) for line in stack.ok("events", "once", "-o", "json").splitlines()
+        ]
+        assert [e["event"] for e in events].count("Created") == 1
+    finally:
+        client.close()
+        if stack.proc is None or stack.proc.poll() is not None:
+            stack.start()
+    stack.ok("delete", "once")

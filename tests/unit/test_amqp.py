@@ -97,11 +97,35 @@ def test_a_huge_body_is_refused_unread() -> None:
     assert parse_request(huge, limit=len(huge)).command == "create-vm"
 
 
-def test_kill_must_be_a_boolean() -> None:
-    request = parse_request(body({"command": "stop-vm", "options": {"vm-id": "a", "kill": "y"}}))
+@pytest.mark.parametrize(
+    ("kill", "expected"),
+    [(True, True), ("y", True), ("no", True), (1, True), ([0], True), ({"a": 1}, True),
+     (False, False), (0, False), ("", False), (None, False), ([], False), ({}, False)],
+)  # fmt: skip
+def test_kill_is_the_json_values_truthiness_as_aetherscale_reads_it(
+    kill: object, expected: bool
+) -> None:
+    """aetherscale's stop_vm: ``bool(options.get('kill', False))``."""
+    request = parse_request(body({"command": "stop-vm", "options": {"vm-id": "a", "kill": kill}}))
+    assert request.flag("kill") is expected
+
+
+@pytest.mark.parametrize(
+    ("options", "loc"),
+    [({"vm-id": "a"}, "options.image"), ({"vm-id": "a", "image": 5}, "options.image"),
+     ({"vm-id": "a", "image": "x" * 4097}, "options.image"),
+     ({"vm-id": "a", "image": "i", "drive": ""}, "options.drive"),
+     ({"vm-id": "a", "image": "i", "drive": ["cd"]}, "options.drive"),
+     ({"image": "i"}, "options.vm-id")],
+)  # fmt: skip
+def test_set_cd_options_are_checked_as_rests_media_request(
+    options: dict[str, Any], loc: str
+) -> None:
     with pytest.raises(SpecError) as exc:
-        request.flag("kill")
-    assert issue_locs(exc) == ["options.kill"]
+        parse_request(body({"command": "set-cd", "options": options}))
+    assert issue_locs(exc) == [loc]
+    eject = parse_request(body({"command": "set-cd", "options": {"vm-id": "a", "image": None}}))
+    assert eject.media() == (None, None)
 
 
 def test_reply_envelopes() -> None:
@@ -222,6 +246,60 @@ async def test_a_create_with_an_id_names_its_vm_and_applies_once(
         await commands.run(Request("create-vm", {"image": "blank"}), key)
 
 
+async def test_set_cd_changes_the_cd_drive_as_rests_media_call(
+    manager: Manager, tmp_path: Path
+) -> None:
+    iso = tmp_path / "srv" / "tools.iso"
+    iso.write_bytes(b"\0" * 2048)
+    disks = [{"name": "cd", "cdrom": {"image": "", "interface": "ide"}}]
+    doc = {"metadata": {"name": "cdvm"},
+           "spec": {"vm": {"maximumRam": "256Mi", "state": "Stopped", "disks": disks}}}  # fmt: skip
+    await manager.create(doc)
+    commands = Commands(manager)
+    put = await commands.run(Request("set-cd", {"vm-id": "cdvm", "image": str(iso)}))
+    assert (put["name"], put["drive"], put["image"]) == ("cdvm", "cd", str(iso))
+    assert put["vm"]["spec"]["vm"]["disks"][0]["cdrom"]["image"] == str(iso)
+    assert put["vm"]["metadata"]["generation"] == 2
+    with pytest.raises(PolicyError):  # the host policy's imagePaths, as for REST
+        await commands.run(Request("set-cd", {"vm-id": "cdvm", "image": "/etc/shadow"}))
+    with pytest.raises(NotFound, match="no CD drive 'root'"):
+        await commands.run(Request("set-cd", {"vm-id": "cdvm", "image": None, "drive": "root"}))
+    ejected = await commands.run(Request("set-cd", {"vm-id": "cdvm", "image": None}))
+    assert ejected["image"] is None
+    assert manager.get("cdvm").document.vm.disks[0].cdrom.image == ""  # type: ignore[union-attr]
+
+
+async def test_creates_claim_their_name_first_and_release_it_when_no_vm_is_left(
+    manager: Manager, tmp_path: Path
+) -> None:
+    """The bus's record of which host owns a VM (the service binds its queue to
+    ``vm.<name>``): claimed before the store's write, so a host that dies right after it
+    still owns the name; released when the create fails or the VM is deleted."""
+    await blank_image(manager, tmp_path)
+    calls: list[tuple[str, str, bool]] = []
+
+    async def claim(name: str) -> None:
+        calls.append(("claim", name, manager.store.find(name) is not None))
+
+    async def release(name: str) -> None:
+        calls.append(("release", name, manager.store.find(name) is not None))
+
+    commands = Commands(manager, claim=claim, release=release)
+    key = request_key("claim-1", None, None)
+    name = (await commands.run(Request("create-vm", {"image": "blank"}), key))["vm-id"]
+    assert calls == [("claim", name, False)]  # before the VM was in the store
+    with pytest.raises(PolicyError):
+        await commands.run(Request("create-vm", {"image": "nope"}), "m:claim-2")
+    failed = vm_name_for("m:claim-2")
+    assert calls[1:] == [("claim", failed, False), ("release", failed, False)]
+    with pytest.raises(Exception, match="already exists"):  # the name is this host's VM's
+        await commands.run(Request("create", {"document": {
+            "metadata": {"name": name}, "spec": {"vm": {"maximumRam": "256Mi"}}}}))  # fmt: skip
+    assert calls[3:] == [("claim", name, True)]  # not released: the VM is still here
+    await commands.run(Request("delete-vm", {"vm-id": name}))
+    assert calls[4:] == [("release", name, False)]
+
+
 async def test_corrals_own_commands_validate_like_rest(manager: Manager) -> None:
     commands = Commands(manager)
     vm = {"maximumRam": "256Mi", "state": "Stopped", "maximumCpus": 2}
@@ -294,6 +372,9 @@ def test_options_from_config_flags_and_url_file(tmp_path: Path) -> None:
     assert opts.url == "amqps://corral:s3cret@mq.example:5671/vms"
     assert opts.own_queue == "computing-host-h1" and opts.create_queue == "computing-competing"
     assert opts.exchange == "computing" and opts.prefetch == 4
+    assert (opts.route_queue, opts.vms_exchange) == ("computing-vm-commands", "computing-vms")
+    moved = parse_options({"url": "amqp://x/", "routeQueue": "r", "vmsExchange": "v"})
+    assert (moved.route_queue, moved.vms_exchange) == ("r", "v")
     assert "s3cret" not in opts.safe_url() and "s3cret" not in repr(opts)
 
     cases: list[tuple[dict[str, object], str]] = [
@@ -305,6 +386,8 @@ def test_options_from_config_flags_and_url_file(tmp_path: Path) -> None:
         ({"url": "amqp://x/", "prefetch": 0}, "amqp.prefetch"),
         ({"url": "amqp://x/", "reconnectSeconds": -1}, "amqp.reconnectSeconds"),
         ({"url": "amqp://x/", "exchange": ""}, "amqp.exchange"),
+        ({"url": "amqp://x/", "routeQueue": ""}, "amqp.routeQueue"),
+        ({"url": "amqp://x/", "vmsExchange": 3}, "amqp.vmsExchange"),
     ]
     for options, loc in cases:
         with pytest.raises(SpecError) as exc:

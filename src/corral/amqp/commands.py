@@ -14,14 +14,17 @@ from __future__ import annotations
 
 import copy
 import hashlib
+from collections.abc import Awaitable, Callable
 from typing import Any
 
 from corral.amqp.protocol import Request
 from corral.errors import Conflict, FieldIssue, SpecError
 from corral.manager import Manager
+from corral.manager.media import set_cd_media
+from corral.manager.store import VmRecord
 from corral.spec.aetherscale import VERBS, create_document, new_vm_name
 
-__all__ = ["ACTIVE_STATES", "REQUEST_ANNOTATION", "Commands", "vm_name_for"]
+__all__ = ["ACTIVE_STATES", "REQUEST_ANNOTATION", "Claim", "Commands", "create_name", "vm_name_for"]
 
 ACTIVE_STATES = frozenset({"Starting", "Running", "Stopping"})
 REQUEST_ANNOTATION = "corral.amqp/request"
@@ -40,11 +43,52 @@ def vm_name_for(key: str | None) -> str:
     return f"vm-{request_digest(key)[:8]}" if key else new_vm_name()
 
 
-class Commands:
-    """aetherscale's commands on ``manager``."""
+def create_name(request: Request, key: str | None) -> str | None:
+    """The name of the VM a create will make, when it is known before: a ``create``'s
+    ``metadata.name``, a ``create-vm``'s name from its request id (None without an id: a
+    random name, made by :meth:`Commands.create_vm`)."""
+    if request.command == "create-vm":
+        return vm_name_for(key) if key else None
+    if request.command == "create":
+        meta = request.object("document").get("metadata")
+        name = meta.get("name") if isinstance(meta, dict) else None
+        return name if isinstance(name, str) and name else None
+    return None
 
-    def __init__(self, manager: Manager) -> None:
+
+Claim = Callable[[str], Awaitable[None]]
+"""Claims (or releases) a VM name on the bus for this host (:class:`corral.amqp.service`)."""
+
+
+async def _no_claim(name: str) -> None:
+    return None
+
+
+class Commands:
+    """aetherscale's commands on ``manager``; ``claim`` is called with a VM's name before it is
+    created (so no other host creates it too), ``release`` when it is gone or its create
+    failed."""
+
+    def __init__(self, manager: Manager, claim: Claim = _no_claim,
+                 release: Claim = _no_claim) -> None:  # fmt: skip
         self.manager = manager
+        self.claim = claim
+        self.release = release
+
+    async def _create(self, document: dict[str, Any]) -> VmRecord:
+        """``manager.create(document)`` with its name claimed first and released again
+        when no VM of that name is left in this host's store."""
+        meta = document.get("metadata")
+        name = meta.get("name") if isinstance(meta, dict) else None
+        if not isinstance(name, str) or not name:
+            return await self.manager.create(document)
+        await self.claim(name)
+        try:
+            return await self.manager.create(document)
+        except BaseException:
+            if self.manager.store.find(name) is None:
+                await self.release(name)
+            raise
 
     async def run(self, request: Request, key: str | None = None) -> Any:
         """Carry ``request`` out (``key``: its message or correlation id, if any); its
@@ -64,6 +108,11 @@ class Commands:
             return self.manager.get(name).to_json()
         if request.command == "patch":
             return (await self.manager.patch(name, request.object("patch"))).to_json()
+        if request.command == "set-cd":
+            image, drive = request.media()
+            # REST's POST /v1/vms/{name}/media: the same call, the same answer
+            used, record = await set_cd_media(self.manager, name, image, drive=drive)
+            return {"name": name, "drive": used, "image": image, "vm": record.to_json()}
         return await self.delete_vm(name)
 
     async def create(self, document: dict[str, Any], key: str | None) -> dict[str, Any]:
@@ -77,7 +126,7 @@ class Commands:
                 meta["annotations"] = {**(notes if isinstance(notes, dict) else {}),
                                        REQUEST_ANNOTATION: request_digest(key)}  # fmt: skip
         try:
-            return (await self.manager.create(doc)).to_json()
+            return (await self._create(doc)).to_json()
         except Conflict:
             meta = doc.get("metadata")
             name = meta.get("name") if isinstance(meta, dict) else None
@@ -108,12 +157,12 @@ class Commands:
                 "invalid create-vm request",
                 [FieldIssue("options.image", "must name an image in the image store")],
             )
-        name = vm_name_for(key)
+        name = create_name(request, key) or vm_name_for(None)
         document = create_document(image, name)
         if key is not None:
             document["metadata"]["annotations"] = {REQUEST_ANNOTATION: request_digest(key)}
         try:
-            await self.manager.create(document)
+            await self._create(document)
         except Conflict:
             existing = self.manager.store.find(name)
             mark = existing.document.metadata.annotations if existing is not None else {}
@@ -146,4 +195,6 @@ class Commands:
     async def delete_vm(self, name: str) -> dict[str, Any]:
         verb = VERBS["delete-vm"]
         await self.manager.delete(name, delete_disks=verb.delete_disks, force=True)
+        if self.manager.store.find(name) is None:
+            await self.release(name)  # its commands are 404 at once, not after the event
         return {"status": "deleted", "vm-id": name}

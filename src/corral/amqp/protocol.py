@@ -35,6 +35,7 @@ __all__ = [
 
 MAX_BODY_BYTES = 1 << 20
 MAX_TEXT = 253  # a string option (a VM name, an image name): a DNS name's length
+MAX_PATH = 4096  # set-cd's image, a host path as REST's media request takes it
 """A request body larger than this is refused unread (aetherscale's are a few hundred bytes;
 corral's full VM documents a few KiB)."""
 
@@ -48,6 +49,7 @@ COMMANDS: dict[str, tuple[str, ...]] = {
     "create": ("document",),
     "get": ("vm-id",),
     "patch": ("vm-id", "patch"),
+    "set-cd": ("vm-id",),  # and ``image``: a name or host path, or null to eject
 }
 """The commands and the options each requires: aetherscale's, then corral's."""
 
@@ -93,14 +95,32 @@ class Request:
         return value
 
     def flag(self, name: str) -> bool:
-        """Option ``name``: a boolean, false when absent."""
-        value = self.options.get(name, False)
-        if not isinstance(value, bool):
+        """Option ``name`` as aetherscale reads it: the JSON value's Python truthiness
+        (``bool(options.get(name, False))``: ``"yes"`` and ``1`` are true, ``0``, ``""``,
+        ``null``, ``[]`` false), false when absent."""
+        return bool(self.options.get(name, False))
+
+    def media(self) -> tuple[str | None, str | None]:
+        """``set-cd``'s ``image`` (a string, or null or "" to eject: the key is required, so
+        a forgotten image never ejects) and ``drive`` (a CD drive's disk name, or absent for
+        the first), with REST's ``POST /v1/vms/{name}/media`` bounds."""
+        if "image" not in self.options:
             raise SpecError(
                 f"invalid {self.command} request",
-                [FieldIssue(f"options.{name}", "must be true or false")],
+                [FieldIssue("options.image", "required: an image, or null to eject")],
             )
-        return value
+        image, drive = self.options["image"], self.options.get("drive")
+        if image is not None and (not isinstance(image, str) or len(image) > MAX_PATH):
+            raise SpecError(
+                f"invalid {self.command} request",
+                [FieldIssue("options.image", f"must be null or a string of at most {MAX_PATH}")],
+            )
+        if drive is not None and (not isinstance(drive, str) or not 1 <= len(drive) <= 63):
+            raise SpecError(
+                f"invalid {self.command} request",
+                [FieldIssue("options.drive", "must be a disk name of 1 to 63 characters")],
+            )
+        return image or None, drive
 
 
 def parse_request(body: bytes, limit: int = MAX_BODY_BYTES) -> Request:
@@ -136,6 +156,8 @@ def parse_request(body: bytes, limit: int = MAX_BODY_BYTES) -> Request:
             request.object(name)
         else:
             request.text(name)
+    if command == "set-cd":
+        request.media()
     return request
 
 

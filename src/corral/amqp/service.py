@@ -1,13 +1,21 @@
 """The ``amqp`` daemon service: aetherscale's RabbitMQ protocol served by the manager, on
 aio-pika's robust connection.
 
-Topology (aetherscale's, so its clients work unchanged)::
+Topology (aetherscale's exchange and keys, so its clients work unchanged)::
 
     client ──publish(routing key = command)──► exchange "computing" (direct, durable)
-        create-vm ─────────────────────────────► queue "computing-competing" (shared: the
-                                                  daemons compete for creates)
-        list-vms, start-vm, stop-vm, delete-vm ─► queue "computing-host-<host>" (this daemon's)
+        create-vm, create ─────────────► queue "computing-competing" (shared: one daemon each)
+        start-vm, stop-vm, delete-vm, ─► queue "computing-vm-commands" (shared: the daemon
+        get, patch, set-cd                taking one answers it if it owns the VM, else
+                                          forwards it to exchange "computing-vms" as
+                                          vm.<name>; returned unrouted: it answers 404)
+        list-vms, <host>.<command> ────► queue "computing-host-<host>" (this daemon's), also
+                                          bound to "computing-vms" as vm.<name> per VM it owns
     daemon ──reply(correlation_id)──► the request's reply_to (e.g. amq.rabbitmq.reply-to)
+
+The ``vm.<name>`` bindings are the registry of owners on the bus: claimed before a create
+writes the store (so a create redelivered to another host after its first died goes to the
+first, not applied twice), released when the VM is gone.
 
 Reliability: a message is acknowledged only after the manager has taken the command (it is in
 the store), its reply recorded in the request log (:mod:`corral.amqp.requests`) and published
@@ -33,7 +41,9 @@ from pathlib import Path
 from typing import Any
 
 import aio_pika
+import aiormq
 from aio_pika.abc import (
+    AbstractExchange,
     AbstractIncomingMessage,
     AbstractQueue,
     AbstractRobustChannel,
@@ -41,7 +51,7 @@ from aio_pika.abc import (
 )
 from yarl import URL
 
-from corral.amqp.commands import Commands
+from corral.amqp.commands import Commands, create_name
 from corral.amqp.protocol import (
     COMMANDS,
     MAX_BODY_BYTES,
@@ -57,6 +67,7 @@ from corral.errors import (
     CorralError,
     FieldIssue,
     HostError,
+    NotFound,
     SpecError,
     StoreUnavailable,
 )
@@ -65,11 +76,19 @@ from corral.manager.daemonlog import event_fields
 
 __all__ = ["HOST_COMMANDS", "AmqpOptions", "amqp_service", "service_from_config"]
 
-HOST_COMMANDS = ("list-vms", "start-vm", "stop-vm", "delete-vm", "get", "patch")
-"""The commands a daemon takes on its own queue (each daemon gets its copy)."""
+VM_COMMANDS = ("start-vm", "stop-vm", "delete-vm", "get", "patch", "set-cd")
+"""The commands about one VM: published with the command as routing key they reach the shared
+route queue, and the daemon taking one answers it if it owns the VM, else forwards it to the
+owner through the VMs exchange (``vm.<name>``), else answers 404: one reply, from the owner."""
+HOST_COMMANDS = ("list-vms", *VM_COMMANDS)
+"""The commands a daemon takes on its own queue: ``list-vms`` (each daemon gets its copy) and
+any of them addressed to it as ``<host>.<command>``."""
 CREATE_COMMANDS = ("create-vm", "create")
 """The commands on the shared queue: one daemon takes each."""
 ATTEMPTS_HEADER = "x-corral-create-attempt"
+ID_HEADER = "x-corral-message-id"
+"""On a request forwarded to the VM's owner: the message id it was published with (the copy
+has its own, so two copies in flight never share a publisher-confirm slot)."""
 OWN_QUEUE_ARGUMENTS: dict[str, Any] = {"x-message-ttl": 60_000, "x-expires": 86_400_000}
 
 _log = logging.getLogger("corral.amqp")
@@ -94,6 +113,8 @@ class AmqpOptions:
     max_body_bytes: int = MAX_BODY_BYTES
     ca_file: Path | None = None
     events_exchange: str | None = "corral.events"  # "" or None: no events published
+    route_queue: str = "computing-vm-commands"  # per-VM commands, shared: one daemon routes each
+    vms_exchange: str = "computing-vms"  # direct: each daemon's queue bound as vm.<name> it owns
     create_attempts: int = 3  # hosts a create without room is offered to, in all
 
     @property
@@ -111,6 +132,7 @@ _KEYS = {
     "createQueue": "create_queue", "hostQueue": "host_queue", "prefetch": "prefetch",
     "reconnectSeconds": "reconnect_seconds", "maxBodyBytes": "max_body_bytes",
     "caFile": "ca_file", "eventsExchange": "events_exchange", "createAttempts": "create_attempts",
+    "routeQueue": "route_queue", "vmsExchange": "vms_exchange",
 }  # fmt: skip
 
 
@@ -154,7 +176,7 @@ def parse_options(options: Mapping[str, object]) -> AmqpOptions:
         raise _issue("url", f"not a URL: {exc}") from None
     if scheme not in ("amqp", "amqps"):
         raise _issue("url", "must be an amqp:// or amqps:// URL")
-    for key in ("exchange", "create_queue", "host_queue", "host"):
+    for key in ("exchange", "create_queue", "host_queue", "host", "route_queue", "vms_exchange"):
         if key in values and (not isinstance(values[key], str) or not values[key]):
             camel = next(k for k, v in _KEYS.items() if v == key)
             raise _issue(camel, "must be a non-empty string")
@@ -194,7 +216,7 @@ class Consumer:
     def __init__(self, manager: Manager, options: AmqpOptions, requests: RequestLog) -> None:
         self.options = options
         self.manager = manager
-        self.commands = Commands(manager)
+        self.commands = Commands(manager, claim=self.claim, release=self.release)
         self._events: asyncio.Task[None] | None = None
         self.requests = requests
         self.connection: AbstractRobustConnection | None = None
@@ -204,6 +226,9 @@ class Consumer:
         self._idle = asyncio.Event()
         self._idle.set()
         self._queues: list[tuple[AbstractQueue, str]] = []
+        self._own: AbstractQueue | None = None
+        self._vms: AbstractExchange | None = None
+        self._owner: asyncio.Task[None] | None = None
 
     async def connect(self) -> None:
         """Connect (retrying every ``reconnectSeconds`` until the broker answers), declare
@@ -225,24 +250,78 @@ class Consumer:
         exchange = await self.channel.declare_exchange(
             opts.exchange, aio_pika.ExchangeType.DIRECT, durable=True
         )
+        self._vms = await self.channel.declare_exchange(
+            opts.vms_exchange, aio_pika.ExchangeType.DIRECT, durable=True
+        )
         creates = await self.channel.declare_queue(opts.create_queue, durable=True)
         for command in CREATE_COMMANDS:
             await creates.bind(exchange, command)
+        route = await self.channel.declare_queue(
+            opts.route_queue, durable=True, arguments={"x-message-ttl": 60_000}
+        )
+        for command in VM_COMMANDS:
+            await route.bind(exchange, command)
         # a host's own queue keeps a command a minute (a host that was down does not run a
         # week of old stops and deletes when it comes back) and is gone a day after its host
+        # (and with it the bindings that say which VMs it owns)
         own = await self.channel.declare_queue(
             opts.own_queue, durable=True, arguments=OWN_QUEUE_ARGUMENTS
         )
+        for command in VM_COMMANDS:  # bound by corral before 13's routing: every host answered
+            await own.unbind(exchange, command)
+        await own.bind(exchange, "list-vms")
         for command in HOST_COMMANDS:
-            await own.bind(exchange, command)
-        for queue in (creates, own):
+            await own.bind(exchange, f"{opts.host}.{command}")
+        self._own = own
+        after = self._last_event_id()
+        for record in self.manager.list_vms():
+            await self.claim(record.name)
+        self._owner = asyncio.ensure_future(self.follow_ownership(after))
+        self._owner.add_done_callback(_report_failure("AmqpOwnershipFailed"))
+        for queue in (creates, route, own):
             self._queues.append((queue, await queue.consume(self.on_message)))
         if opts.events_exchange:
             self._events = asyncio.ensure_future(self.forward_events(opts.events_exchange))
             self._events.add_done_callback(_report_failure("AmqpEventsFailed"))
         self.consuming.set()
         _event("AmqpConsuming", broker=opts.safe_url(), host=opts.host,
-               queues=[opts.create_queue, opts.own_queue])  # fmt: skip
+               queues=[opts.create_queue, opts.route_queue, opts.own_queue])  # fmt: skip
+
+    def _last_event_id(self) -> int:
+        after = 0
+        while page := self.manager.events(None, after):
+            after = page[-1].id
+        return after
+
+    async def claim(self, name: str) -> None:
+        """Bind this host's queue to ``vm.<name>`` on the VMs exchange: the bus's record that
+        this host owns (or is creating) VM ``name``, which routes its commands here."""
+        if self._own is not None and self._vms is not None:
+            await self._own.bind(self._vms, f"vm.{name}")
+
+    async def release(self, name: str) -> None:
+        """Undo :meth:`claim` once VM ``name`` is not (or no longer) in this host's store."""
+        if self._own is not None and self._vms is not None:
+            await self._own.unbind(self._vms, f"vm.{name}")
+
+    async def follow_ownership(self, after: int) -> None:
+        """Keep the claims in step with the store whoever changes it (REST, the CLI, this
+        service): a VM created is claimed, one deleted released."""
+        async for event in self.manager.follow(None, after):
+            if event.vm is None or event.kind not in ("Created", "Deleted"):
+                continue
+            while True:
+                try:
+                    if self.manager.store.find(event.vm) is not None:
+                        await self.claim(event.vm)
+                    else:
+                        await self.release(event.vm)
+                    break
+                except asyncio.CancelledError:
+                    raise
+                except Exception as exc:  # the broker is away: again once it is back
+                    _event("AmqpOwnershipWaiting", logging.WARNING, error=str(exc)[:200])
+                    await asyncio.sleep(self.options.reconnect_seconds)
 
     async def forward_events(self, name: str) -> None:
         """Publish every manager event to the topic exchange ``name`` with routing key
@@ -253,9 +332,7 @@ class Consumer:
         exchange = await channel.declare_exchange(name, aio_pika.ExchangeType.TOPIC, durable=True)
         after = await self.requests.cursor("events")
         if after is None:
-            after = 0
-            while page := self.manager.events(None, after):
-                after = page[-1].id
+            after = self._last_event_id()
             await self.requests.set_cursor("events", after)
         host = self.options.host.replace(".", "_")
         async for event in self.manager.follow(None, after):
@@ -288,10 +365,11 @@ class Consumer:
     async def close(self, grace: float = 10.0) -> None:
         """Stop consuming, let the messages in hand finish (up to ``grace`` seconds: one not
         acked by then is delivered again), close the connection."""
-        if self._events is not None:
-            self._events.cancel()
-            with contextlib.suppress(BaseException):
-                await self._events
+        for task in (self._events, self._owner):
+            if task is not None:
+                task.cancel()
+                with contextlib.suppress(BaseException):
+                    await task
         for queue, tag in self._queues:
             with contextlib.suppress(Exception):
                 await asyncio.wait_for(queue.cancel(tag), 5)
@@ -320,10 +398,13 @@ class Consumer:
                 self._idle.set()
 
     async def handle(self, message: AbstractIncomingMessage) -> None:
-        """Answer ``message`` (from the request log if it was answered before), then ack it;
-        a reply or an ack lost to a broken connection leaves it to be delivered again."""
+        """Answer ``message`` (from the request log if it was answered before) or forward it
+        to the host that owns its VM, then ack it; a reply or an ack lost to a broken
+        connection leaves it to be delivered again."""
         host = self.options.host
-        key = request_key(message.message_id, message.correlation_id, message.reply_to)
+        forwarded_id = (message.headers or {}).get(ID_HEADER)
+        message_id = forwarded_id if isinstance(forwarded_id, str) else message.message_id
+        key = request_key(message_id, message.correlation_id, message.reply_to)
         command = "?"
         try:
             request = parse_request(message.body, self.options.max_body_bytes)
@@ -342,22 +423,19 @@ class Consumer:
             elif recorded is not None:
                 reply = recorded[0]
                 _event("AmqpRequestReplayed", command=command, redelivered=message.redelivered)
-            elif (
-                message.routing_key in COMMANDS
-                and message.routing_key != command
-                and message.routing_key not in (self.options.create_queue, self.options.own_queue)
-            ):
-                # the exchange routed it by its key: a body naming another command would skip
-                # the queue that command belongs to (a create sent as list-vms reaches every host)
-                reply = error_reply(SpecError.single(
-                    "command", f"must be {message.routing_key!r}, the message's routing key"),
-                    host)  # fmt: skip
+            elif (misrouted := self._misrouted(message, request)) is not None:
+                reply = error_reply(misrouted, host)
             else:
                 try:
+                    if await self._forward(message, request, key):
+                        await message.ack()
+                        return
                     reply, final = await self._run(request, key)
                 except CapacityError as exc:
                     if await self._pass_on(message, exc):
                         return
+                    reply, final = error_reply(exc, host), True
+                except NotFound as exc:  # no host has the VM: this one says so, once
                     reply, final = error_reply(exc, host), True
                 if key is not None and final and command not in ("list-vms", "get"):
                     await self.requests.put(key, command, reply, digest)
@@ -376,6 +454,70 @@ class Consumer:
                 if self.channel is None or self.channel.is_closed:
                     return  # not acked: it comes back and is answered from the log
         await message.ack()
+
+    def _addressed_here(self, message: AbstractIncomingMessage) -> bool:
+        """Whether ``message`` came to this host by name: through the VMs exchange (its
+        owner's claim), as ``<host>.<command>``, or straight to its queue."""
+        key = message.routing_key or ""
+        return (
+            message.exchange == self.options.vms_exchange
+            or key.startswith(f"{self.options.host}.")
+            or key == self.options.own_queue
+        )
+
+    def _misrouted(self, message: AbstractIncomingMessage, request: Request) -> SpecError | None:
+        """A body that does not match the key it was routed by: a create sent as list-vms
+        would reach every host, a stop sent as ``vm.web`` would stop another VM than ``web``."""
+        key, command = message.routing_key or "", request.command
+        if message.exchange == self.options.vms_exchange:
+            if command in VM_COMMANDS and key != f"vm.{request.text('vm-id')}":
+                return SpecError.single(
+                    "options.vm-id", f"must be the VM the routing key {key[:80]!r} names"
+                )
+            return None
+        if message.exchange != self.options.exchange:
+            return None  # published straight to a queue
+        host = f"{self.options.host}."
+        wanted = key[len(host) :] if key.startswith(host) else key
+        if wanted in COMMANDS and wanted != command:
+            return SpecError.single("command", f"must be {wanted!r}, the message's routing key")
+        return None
+
+    async def _forward(
+        self, message: AbstractIncomingMessage, request: Request, key: str | None
+    ) -> bool:
+        """Whether ``message`` went on to the host that owns its VM (which answers it). A
+        per-VM command for a VM this host does not have goes to the host whose queue claims
+        ``vm.<name>``; when none does, it is :class:`NotFound` here. A create whose name
+        another host claims goes there (it answers as it did the first time, or 409): a create
+        redelivered after its first host died is not applied by a second one."""
+        if self._addressed_here(message):
+            return False
+        if request.command in VM_COMMANDS:
+            name: str | None = request.text("vm-id")
+        elif request.command in CREATE_COMMANDS:
+            name = create_name(request, key)
+        else:
+            return False
+        if name is None or self.manager.store.find(name) is not None:
+            return False
+        headers = dict(message.headers or {})
+        if message.message_id and ID_HEADER not in headers:
+            headers[ID_HEADER] = message.message_id
+        copy = aio_pika.Message(
+            message.body, headers=headers, content_type=message.content_type,
+            correlation_id=message.correlation_id, reply_to=message.reply_to,
+            delivery_mode=message.delivery_mode,
+        )  # fmt: skip
+        if self._vms is None:
+            raise HostError("the AMQP channel is not open")
+        result = await self._vms.publish(copy, routing_key=f"vm.{name}", mandatory=True)
+        if isinstance(result, aiormq.spec.Basic.Ack):  # routed; a return is no Ack
+            _event("AmqpForwarded", command=request.command, vm=name)
+            return True
+        if request.command in VM_COMMANDS:
+            raise NotFound(f"VM {name!r} not found")
+        return False
 
     async def _run(self, request: Request, key: str | None) -> tuple[dict[str, Any], bool]:
         """The reply to ``request``, and whether it is final (worth recording: not a store

@@ -1,7 +1,7 @@
 """CD media, changed on the server: the one read-modify-write of a VM document that used to
 live in every client (the CLI read the whole document, changed one drive, wrote it all back).
 
-Shared by every interface (REST today; message replies next): find the CD drive, set its
+Shared by every interface (REST, the message API's `set-cd`): find the CD drive, set its
 image, replace the document at the version it was read at, and read again if another writer
 came in between. A running VM's supervisor then swaps the medium live (the declarative way:
 the spec changes, the runner applies it)."""
