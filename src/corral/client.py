@@ -7,9 +7,9 @@ as sent). Problem+json errors come back as the same :mod:`corral.errors` classes
 with their field paths, so a script handles a remote refusal like a local one.
 
 Importing this module is cheap (the stdlib and :mod:`corral.errors`): httpx and pydantic load
-on the first request that needs them. :meth:`Client.read` (a GET's JSON) over a unix socket
-needs neither: it speaks HTTP/1.1 through :mod:`http.client`, so a CLI read (``corral show``,
-``corral list``) starts in a fraction of the time.
+on the first call that needs them. Over a unix socket a request with a JSON (or no) body needs
+neither: a few lines of stdlib HTTP/1.1 send it, so a CLI call (``corral show``, ``start
+--wait``) starts in a fraction of the time; streams (events, logs, uploads) and TCP use httpx.
 """
 
 from __future__ import annotations
@@ -240,24 +240,30 @@ class Client:
         )
 
     def read(self, path: str, params: dict[str, Any] | None = None) -> Any:
-        """A GET's JSON, as :meth:`request` gives it; over a unix socket without httpx."""
-        if self.socket is None or "_http" in self.__dict__:
-            return self.request("GET", path, params=params)
-        clean = {k: v for k, v in (params or {}).items() if v is not None}
-        target = f"{path}?{urlencode(clean)}" if clean else path
-        headers = "".join(f"{k}: {v}\r\n" for k, v in self._headers.items())
-        request = f"GET {target} HTTP/1.1\r\nHost: corral\r\n{headers}Connection: close\r\n\r\n"
+        """A GET's JSON, as :meth:`request` gives it (over a unix socket without httpx)."""
+        return self.request("GET", path, params=params)
+
+    def _unix(
+        self, method: str, target: str, content: bytes | None, headers: dict[str, str],
+        timeout: float,
+    ) -> Any:  # fmt: skip
+        """One request on the unix socket in stdlib HTTP/1.1 (``Connection: close``)."""
+        fields = {"Host": "corral", **self._headers, **headers, "Connection": "close"}
+        if content is not None:
+            fields["Content-Length"] = str(len(content))
+        head = f"{method} {target} HTTP/1.1\r\n" + "".join(f"{k}: {v}\r\n" for k, v in
+                                                            fields.items())  # fmt: skip
         try:
             with _socket.socket(_socket.AF_UNIX, _socket.SOCK_STREAM) as sock:
-                sock.settimeout(self._timeout)
+                sock.settimeout(timeout)
                 sock.connect(str(self.socket))
-                sock.sendall(request.encode())
-                status, reason, fields, body = _http_response(sock)
+                sock.sendall(head.encode() + b"\r\n" + (content or b""))
+                status, reason, answer, body = _http_response(sock)
         except (OSError, ValueError) as exc:
             raise self._unreachable(exc) from exc
         text = body.decode("utf-8", "replace")
         if status >= 400:
-            raise _problem_error(status, text, reason, fields.get("retry-after", ""))
+            raise _problem_error(status, text, reason, answer.get("retry-after", ""))
         return json.loads(text) if text else None
 
     def request(
@@ -279,6 +285,14 @@ class Client:
         headers = {**({"Content-Type": content_type} if content is not None else {}),
                    **(headers or {})}  # fmt: skip
         clean = {k: v for k, v in (params or {}).items() if v is not None}
+        if (
+            self.socket is not None
+            and "_http" not in self.__dict__
+            and (content is None or isinstance(content, bytes))
+        ):  # no httpx client made yet: the stdlib speaks enough HTTP for this one
+            target = quote(path, safe="/%") + (f"?{urlencode(clean)}" if clean else "")
+            return self._unix(method, target, content, headers,
+                              timeout if timeout is not None else self._timeout)  # fmt: skip
         import httpx
 
         try:
@@ -357,7 +371,14 @@ class Client:
         """``start``, ``stop``, ``restart``, ``reset``, ``kill``; with ``wait`` seconds, the VM
         once it is Running (stop: Stopped), or (start, restart) once ``until`` holds:
         ``condition=Booted``. The daemon raises :class:`Timeout` when ``wait`` runs out."""
-        return _vm(
+        return _vm(self.act(name, verb, wait=wait, until=until))
+
+    def act(
+        self, name: str, verb: str, *, wait: float | None = None, until: str | None = None
+    ) -> dict[str, Any]:
+        """:meth:`action`, the VM as the JSON the daemon sent (no view: no pydantic)."""
+        return cast(
+            dict[str, Any],
             self.request("POST", f"/v1/vms/{name}/{verb}", params={"wait": wait, "for": until},
                          timeout=(wait + 30) if wait else None),
         )  # fmt: skip

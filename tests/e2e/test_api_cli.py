@@ -177,11 +177,12 @@ def test_list_show_exec_and_exit_codes(stack: Stack, web1: str) -> None:
 
 
 def test_reads_over_the_unix_socket_answer_as_httpx_does(stack: Stack, web1: str) -> None:
-    """``Client.read`` (the CLI's read calls: a stdlib HTTP/1.1 GET on the unix socket, no
-    httpx client made) gives what the httpx path gives, and the same errors."""
+    """Over the unix socket a client sends JSON requests in stdlib HTTP/1.1 (no httpx client
+    made; the CLI's calls) and gets what the httpx path gives, and the same errors."""
     from corral.errors import NotFound, SpecError
 
     with Client(socket=stack.sock) as fast, Client(socket=stack.sock) as slow:
+        assert slow._http is not None  # made: this one sends everything through httpx
         got = fast.read(f"/v1/vms/{web1}")
         assert "_http" not in fast.__dict__, "read made an httpx client"
         same = slow.request("GET", f"/v1/vms/{web1}")
@@ -198,6 +199,9 @@ def test_reads_over_the_unix_socket_answer_as_httpx_does(stack: Stack, web1: str
         with pytest.raises(SpecError) as also:
             slow.request("GET", "/v1/vms", params={"state": "x" * 40})
         assert str(refused.value) == str(also.value)
+        started = fast.act(web1, "start", wait=60)  # a POST (a no-op here), on the same path
+        assert started["status"]["state"] == "Running"
+        assert fast.action(web1, "start", wait=60).status.pid == got["status"]["pid"]
         assert "_http" not in fast.__dict__
 
 

@@ -65,11 +65,13 @@ def _heavy(modules: set[str]) -> list[str]:
         (("--version",), 80),
         (("--socket", "/nonexistent/corral.sock", "show", "web1"), 115),
         (("--socket", "/nonexistent/corral.sock", "list", "-o", "json"), 115),
+        (("--socket", "/nonexistent/corral.sock", "start", "web1", "--wait"), 115),
     ],
 )
 def test_a_read_call_imports_little(argv: tuple[str, ...], budget: int) -> None:
-    """The command's own module, click, and a stdlib HTTP request on the unix socket: no
-    httpx, no pydantic models, no rich, no other command's module."""
+    """The command's own module, click, and a stdlib HTTP request on the unix socket (a GET,
+    or ``start --wait``'s POST): no httpx, no pydantic models, no rich, no other command's
+    module."""
     modules = _cli(*argv)
     assert not _heavy(modules), f"corral {' '.join(argv)} imports {_heavy(modules)}"
     others = sorted(
