@@ -120,7 +120,9 @@ class Libvirt:
         if _missing("passwd", "libvirt-qemu"):
             subprocess.run(["useradd", "-r", "-g", "kvm", "-d", "/var/lib/libvirt", "-s",
                             "/usr/sbin/nologin", "libvirt-qemu"], check=True)  # fmt: skip
-        if QEMU_CONF.exists() and QEMU_MARK not in QEMU_CONF.read_text():
+        if not QEMU_CONF.exists():
+            (self.root / "qemu.conf.none").touch()  # stop() removes ours
+        elif QEMU_MARK not in QEMU_CONF.read_text():
             shutil.copy2(QEMU_CONF, self.root / "qemu.conf.system")
         QEMU_CONF.parent.mkdir(parents=True, exist_ok=True)
         QEMU_CONF.write_text(
@@ -221,6 +223,8 @@ class Libvirt:
         saved = self.root / "qemu.conf.system"
         if saved.exists():
             shutil.copy2(saved, QEMU_CONF)
+        elif (self.root / "qemu.conf.none").exists():
+            QEMU_CONF.unlink(missing_ok=True)
 
 
 def virsh_round(lv: Libvirt, name: str) -> dict[str, float]:
