@@ -27,7 +27,7 @@ help:
 	@echo "make stop   - power the demo VM down and stop the daemon"
 	@echo "make test   - run the whole test suite (unit + integration + e2e)"
 	@echo "make lint   - ruff, mypy --strict, import-linter"
-	@echo "make bench  - benchmarks (writes results to bench/results/)"
+	@echo "make bench  - corral vs raw qemu vs libvirt, side by side (docs/benchmarks.md)"
 
 deps: deps-system deps-python
 
@@ -73,8 +73,16 @@ lint: deps-python
 	$(VENV)/bin/mypy src
 	$(VENV)/bin/lint-imports
 
+# libvirt for the side-by-side benchmark only (bench/compare.py starts its own libvirtd and
+# virtlogd on a private socket); the other benchmarks: $(PY) -m bench runner|manager|api|faults
+BENCH_APT_PACKAGES := libvirt-daemon libvirt-daemon-driver-qemu libvirt-clients
+
 bench: deps
-	$(PY) -m bench
+	@command -v virsh >/dev/null 2>&1 && [ -x /usr/sbin/libvirtd ] && [ -x /usr/sbin/virtlogd ] || { \
+		echo "[bench] installing libvirt:$(BENCH_APT_PACKAGES)"; \
+		export DEBIAN_FRONTEND=noninteractive; \
+		apt-get update -qq && apt-get install -y -qq --no-install-recommends $(BENCH_APT_PACKAGES); }
+	$(PY) -m bench compare
 
 clean:
 	rm -rf $(VENV) build .pytest_cache .mypy_cache .ruff_cache

@@ -4,9 +4,11 @@ from __future__ import annotations
 
 import argparse
 
-from bench import api, faults, manager, runner
+from bench import api, compare, faults, manager, runner
 
-BENCHMARKS = {"runner": runner, "manager": manager, "api": api, "faults": faults}
+BENCHMARKS = {
+    "runner": runner, "manager": manager, "api": api, "faults": faults, "compare": compare,
+}  # fmt: skip
 
 
 def _sizes(text: str) -> list[int]:
@@ -58,6 +60,10 @@ def main() -> None:
     parser.add_argument(
         "--help-runs", type=int, default=10, help="api: corral --help runs (median)"
     )
+    parser.add_argument(
+        "--density", type=_sizes, default=[10, 50, 100],
+        help="compare: running VMs per density wave, one daemon (default 10,50,100)",
+    )  # fmt: skip
     args = parser.parse_args()
     unknown = [n for n in args.names if n not in BENCHMARKS]
     if unknown:
@@ -76,6 +82,8 @@ def main() -> None:
                 args.vms or 1000, args.calls, args.list_calls or 30,
                 args.rounds if args.rounds is not None else 5, args.help_runs,
             )  # fmt: skip
+        elif name == "compare":
+            compare.main(args.rounds or 5, args.vms or 1000, args.density)
         elif name == "faults":
             faults.main(args.rounds or 3, args.vms or 3, args.lock)
 

@@ -62,12 +62,12 @@ def _doc(guest: Any, root: Path) -> dict[str, Any]:
     }
 
 
-def _wait(check: Callable[[], bool], timeout: float, what: str) -> float:
+def _wait(check: Callable[[], bool], timeout: float, what: str, poll: float = POLL) -> float:
     deadline = time.monotonic() + timeout
     while not check():
         if time.monotonic() > deadline:
             raise RuntimeError(f"{what}: not within {timeout}s")
-        time.sleep(POLL)
+        time.sleep(poll)
     return time.monotonic()
 
 

@@ -5,6 +5,11 @@ Finds the daemon by an explicit ``socket``, else ``url`` (+ ``token``, for TCP),
 VMs come back as :class:`~corral.spec.views.VmView` (typed, and ``.to_json()`` the JSON
 as sent). Problem+json errors come back as the same :mod:`corral.errors` classes the daemon raised,
 with their field paths, so a script handles a remote refusal like a local one.
+
+Importing this module is cheap (the stdlib and :mod:`corral.errors`): httpx and pydantic load
+on the first call that needs them. Over a unix socket a request with a JSON (or no) body needs
+neither: a few lines of stdlib HTTP/1.1 send it, so a CLI call (``corral show``, ``start
+--wait``) starts in a fraction of the time; streams (events, logs, uploads) and TCP use httpx.
 """
 
 from __future__ import annotations
@@ -13,15 +18,12 @@ import contextlib
 import json
 import os
 import socket as _socket
-import ssl
 import threading
 from collections.abc import Callable, Iterator
+from functools import cached_property
 from pathlib import Path
-from typing import Any, cast
-from urllib.parse import quote
-
-import httpx
-from pydantic import ValidationError
+from typing import TYPE_CHECKING, Any, cast
+from urllib.parse import quote, urlencode
 
 from corral.errors import (
     Conflict,
@@ -38,7 +40,13 @@ from corral.errors import (
     Unauthorized,
     Unsupported,
 )
-from corral.spec.views import VmView
+
+if TYPE_CHECKING:
+    import ssl
+
+    import httpx
+
+    from corral.spec.views import VmView
 
 __all__ = ["NEW_EVENTS", "Client", "EventStream", "default_socket"]
 
@@ -83,6 +91,10 @@ def default_socket() -> Path:
 def _vm(data: Any) -> VmView:
     """A VM the daemon answered with, as a view; one the client cannot read (a daemon of
     another version, a proxy's page) is a :class:`CorralError` that says so, not a crash."""
+    from pydantic import ValidationError
+
+    from corral.spec.views import VmView
+
     try:
         return VmView.model_validate(data)
     except ValidationError as exc:
@@ -90,26 +102,73 @@ def _vm(data: Any) -> VmView:
 
 
 def _error(response: httpx.Response) -> CorralError:
+    return _problem_error(
+        response.status_code, response.text, response.reason_phrase,
+        response.headers.get("retry-after", ""),
+    )  # fmt: skip
+
+
+def _problem_error(status: int, text: str, reason: str, retry: str) -> CorralError:
+    """The error a problem+json answer (``text``) stands for, by its ``type``, else by the
+    HTTP ``status``; ``retry`` is the ``Retry-After`` header ("" if none)."""
     try:
-        body = response.json()
+        body = json.loads(text) if text else {}
     except ValueError:
         body = {}
     if not isinstance(body, dict):
         body = {}
-    detail = str(body.get("detail") or response.text or response.reason_phrase)
+    detail = str(body.get("detail") or text or reason)
     issues = [
         FieldIssue(str(e.get("loc", "")), str(e.get("reason", "")))
         for e in body.get("errors") or []
         if isinstance(e, dict)
     ]
-    cls = _BY_TYPE.get(str(body.get("type"))) or _BY_STATUS.get(response.status_code, CorralError)
+    cls = _BY_TYPE.get(str(body.get("type"))) or _BY_STATUS.get(status, CorralError)
     if cls is StoreUnavailable:
-        retry = response.headers.get("retry-after", "")
         return StoreUnavailable(
             detail, issues, reason=str(body.get("reason") or "io"),
             retry_after=int(retry) if retry.isdigit() and len(retry) < 6 else 1,
         )  # fmt: skip
     return cls(detail, issues)
+
+
+def _http_response(sock: _socket.socket) -> tuple[int, str, dict[str, str], bytes]:
+    """Status, reason, header fields (names lower-cased) and body of the HTTP/1.1 answer on
+    ``sock`` (asked with ``Connection: close``): the body by ``Content-Length``, chunks, or up
+    to the end. Enough HTTP for the daemon's JSON; ``ValueError`` for anything else."""
+    data = b""
+    while b"\r\n\r\n" not in data:
+        chunk = sock.recv(65536)
+        if not chunk:
+            raise ValueError("the connection closed before an HTTP answer")
+        data += chunk
+    head, rest = data.split(b"\r\n\r\n", 1)
+    lines = head.decode("latin-1").split("\r\n")
+    parts = lines[0].split(" ", 2)
+    if len(parts) < 2 or not parts[0].startswith("HTTP/1.") or not parts[1].isdigit():
+        raise ValueError(f"not an HTTP answer: {lines[0][:80]!r}")
+    fields = {}
+    for line in lines[1:]:
+        name, _, value = line.partition(":")
+        fields[name.strip().lower()] = value.strip()
+    while chunk := sock.recv(65536):
+        rest += chunk
+    if fields.get("transfer-encoding", "").lower() == "chunked":
+        body = b""
+        while True:
+            size_line, _, rest = rest.partition(b"\r\n")
+            size = int(size_line.split(b";")[0], 16)
+            if size == 0:
+                break
+            body, rest = body + rest[:size], rest[size + 2 :]
+        return int(parts[1]), parts[2] if len(parts) > 2 else "", fields, body
+    length = fields.get("content-length")
+    return (
+        int(parts[1]),
+        parts[2] if len(parts) > 2 else "",
+        fields,
+        (rest[: int(length)] if length is not None else rest),
+    )
 
 
 class Client:
@@ -131,27 +190,42 @@ class Client:
                 socket = default_socket()
         if token is None:
             token = os.environ.get("CORRAL_TOKEN") or None
-        headers = {"Authorization": f"Bearer {token}"} if token else {}
+        self._headers = {"Authorization": f"Bearer {token}"} if token else {}
+        self._timeout = timeout
+        self._verify = verify
         self.socket = Path(socket) if socket is not None else None
         self.token = token
         if self.socket is not None:
             self.base_url = "http://corral"
-            transport = httpx.HTTPTransport(uds=str(self.socket))
             self.where = f"unix socket {self.socket}"
         else:
             assert url is not None
             self.base_url = url.rstrip("/")
+            self.where = self.base_url
+
+    @cached_property
+    def _http(self) -> httpx.Client:
+        """The httpx client, made on first use (see the module's docstring)."""
+        import httpx
+
+        if self.socket is not None:
+            transport = httpx.HTTPTransport(uds=str(self.socket))
+        else:
+            verify = self._verify
             if verify is None:  # $CORRAL_CA_CERT: trust a private CA (a self-signed daemon)
+                import ssl
+
                 ca = os.environ.get("CORRAL_CA_CERT")
                 verify = ssl.create_default_context(cafile=ca) if ca else True
             transport = httpx.HTTPTransport(verify=verify)
-            self.where = self.base_url
-        self._http = httpx.Client(
-            base_url=self.base_url, transport=transport, headers=headers, timeout=timeout
-        )
+        return httpx.Client(
+            base_url=self.base_url, transport=transport, headers=self._headers,
+            timeout=self._timeout,
+        )  # fmt: skip
 
     def close(self) -> None:
-        self._http.close()
+        if "_http" in self.__dict__:
+            self._http.close()
 
     def __enter__(self) -> Client:
         return self
@@ -164,6 +238,33 @@ class Client:
             f"cannot reach the corral daemon at {self.where} ({exc}); "
             "is `corral serve` running? (--socket / --url / CORRAL_SOCKET)"
         )
+
+    def read(self, path: str, params: dict[str, Any] | None = None) -> Any:
+        """A GET's JSON, as :meth:`request` gives it (over a unix socket without httpx)."""
+        return self.request("GET", path, params=params)
+
+    def _unix(
+        self, method: str, target: str, content: bytes | None, headers: dict[str, str],
+        timeout: float,
+    ) -> Any:  # fmt: skip
+        """One request on the unix socket in stdlib HTTP/1.1 (``Connection: close``)."""
+        fields = {"Host": "corral", **self._headers, **headers, "Connection": "close"}
+        if content is not None:
+            fields["Content-Length"] = str(len(content))
+        head = f"{method} {target} HTTP/1.1\r\n" + "".join(f"{k}: {v}\r\n" for k, v in
+                                                            fields.items())  # fmt: skip
+        try:
+            with _socket.socket(_socket.AF_UNIX, _socket.SOCK_STREAM) as sock:
+                sock.settimeout(timeout)
+                sock.connect(str(self.socket))
+                sock.sendall(head.encode() + b"\r\n" + (content or b""))
+                status, reason, answer, body = _http_response(sock)
+        except (OSError, ValueError) as exc:
+            raise self._unreachable(exc) from exc
+        text = body.decode("utf-8", "replace")
+        if status >= 400:
+            raise _problem_error(status, text, reason, answer.get("retry-after", ""))
+        return json.loads(text) if text else None
 
     def request(
         self,
@@ -184,6 +285,16 @@ class Client:
         headers = {**({"Content-Type": content_type} if content is not None else {}),
                    **(headers or {})}  # fmt: skip
         clean = {k: v for k, v in (params or {}).items() if v is not None}
+        if (
+            self.socket is not None
+            and "_http" not in self.__dict__
+            and (content is None or isinstance(content, bytes))
+        ):  # no httpx client made yet: the stdlib speaks enough HTTP for this one
+            target = quote(path, safe="/%") + (f"?{urlencode(clean)}" if clean else "")
+            return self._unix(method, target, content, headers,
+                              timeout if timeout is not None else self._timeout)  # fmt: skip
+        import httpx
+
         try:
             response = self._http.request(
                 method, path, content=content, headers=headers, params=clean,
@@ -198,11 +309,11 @@ class Client:
     # --- VMs -------------------------------------------------------------------------------
 
     def list_vms(self, *, state: str | None = None, label: str | None = None) -> list[VmView]:
-        data = self.request("GET", "/v1/vms", params={"state": state, "label": label})
+        data = self.read("/v1/vms", params={"state": state, "label": label})
         return [_vm(item) for item in data["items"]]
 
     def get_vm(self, name: str) -> VmView:
-        return _vm(self.request("GET", f"/v1/vms/{name}"))
+        return _vm(self.read(f"/v1/vms/{quote(name, safe='')}"))
 
     def create_vm(self, document: dict[str, Any], *, adopt_disks: str | None = None) -> VmView:
         """``adopt_disks``: a retained set (:meth:`list_disks`) becomes the VM's data dir."""
@@ -260,7 +371,14 @@ class Client:
         """``start``, ``stop``, ``restart``, ``reset``, ``kill``; with ``wait`` seconds, the VM
         once it is Running (stop: Stopped), or (start, restart) once ``until`` holds:
         ``condition=Booted``. The daemon raises :class:`Timeout` when ``wait`` runs out."""
-        return _vm(
+        return _vm(self.act(name, verb, wait=wait, until=until))
+
+    def act(
+        self, name: str, verb: str, *, wait: float | None = None, until: str | None = None
+    ) -> dict[str, Any]:
+        """:meth:`action`, the VM as the JSON the daemon sent (no view: no pydantic)."""
+        return cast(
+            dict[str, Any],
             self.request("POST", f"/v1/vms/{name}/{verb}", params={"wait": wait, "for": until},
                          timeout=(wait + 30) if wait else None),
         )  # fmt: skip
@@ -289,6 +407,8 @@ class Client:
         """Server-sent events as dicts; with ``follow`` it blocks for new ones."""
         path = f"/v1/vms/{name}/events" if name else "/v1/events"
         params: dict[str, str | int] = {"follow": str(follow).lower(), "after": after}
+        import httpx
+
         try:
             with self._http.stream("GET", path, params=params, timeout=None) as response:
                 if response.status_code >= 400:
@@ -319,6 +439,8 @@ class Client:
                                         "raw": str(raw).lower()}  # fmt: skip
         if tail is not None:
             params["tail"] = tail
+        import httpx
+
         try:
             with self._http.stream(
                 "GET", f"/v1/vms/{quote(name, safe='')}/logs", params=params,
@@ -433,6 +555,8 @@ class EventStream:
         self._socket: _socket.socket | None = None
 
     def __iter__(self) -> Iterator[dict[str, Any]]:
+        import httpx
+
         try:
             with self._client._http.stream(
                 "GET", self._path, params=self._params, timeout=None

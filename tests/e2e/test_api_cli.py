@@ -176,6 +176,35 @@ def test_list_show_exec_and_exit_codes(stack: Stack, web1: str) -> None:
     assert "--debug" not in refused.stderr and "Traceback" not in refused.stderr
 
 
+def test_reads_over_the_unix_socket_answer_as_httpx_does(stack: Stack, web1: str) -> None:
+    """Over the unix socket a client sends JSON requests in stdlib HTTP/1.1 (no httpx client
+    made; the CLI's calls) and gets what the httpx path gives, and the same errors."""
+    from corral.errors import NotFound, SpecError
+
+    with Client(socket=stack.sock) as fast, Client(socket=stack.sock) as slow:
+        assert slow._http is not None  # made: this one sends everything through httpx
+        got = fast.read(f"/v1/vms/{web1}")
+        assert "_http" not in fast.__dict__, "read made an httpx client"
+        same = slow.request("GET", f"/v1/vms/{web1}")
+        assert got["metadata"] == same["metadata"] and got["spec"] == same["spec"]
+        assert got["status"]["state"] == "Running"
+        running = fast.read("/v1/vms", {"state": "Running", "label": None})["items"]
+        assert web1 in [vm["metadata"]["name"] for vm in running]
+        assert fast.read("/v1/vms", {"state": "Crashed"})["items"] == []
+        assert fast.get_vm(web1).status.state == "Running"  # the typed view, on the fast path
+        with pytest.raises(NotFound, match="'nope' not found"):
+            fast.read("/v1/vms/nope")
+        with pytest.raises(SpecError) as refused:
+            fast.read("/v1/vms", {"state": "x" * 40})  # past its max_length
+        with pytest.raises(SpecError) as also:
+            slow.request("GET", "/v1/vms", params={"state": "x" * 40})
+        assert str(refused.value) == str(also.value)
+        started = fast.act(web1, "start", wait=60)  # a POST (a no-op here), on the same path
+        assert started["status"]["state"] == "Running"
+        assert fast.action(web1, "start", wait=60).status.pid == got["status"]["pid"]
+        assert "_http" not in fast.__dict__
+
+
 def test_live_cpu_ram_and_cd_changes_are_seen_in_the_guest(stack: Stack, web1: str) -> None:
     pid = qemu_pids("web1")
     stack.ok("set", "web1", "--cpus", "3")

@@ -274,3 +274,28 @@ def test_debian_cloud_init_hostname_and_user_data(runner: Runner, debian_guest: 
     assert runner.status()["stoppedBy"] == "powerdown"
     assert os.stat(debian_guest.disk).st_mtime == base_stat.st_mtime, "base image was written"
     assert (runner.root / "data" / "root.qcow2").exists()
+
+
+def test_runner_exits_at_once_after_flushing_its_events(runner: Runner, tiny_guest: Any) -> None:
+    """A stopped ``corral run`` leaves with ``os._exit`` (no interpreter teardown: an atexit
+    hook never runs) only after qemu is gone and its last events and status are written."""
+    runner.write(tiny(tiny_guest))
+    marker = runner.root / "teardown-ran"
+    probe = (f"import atexit, pathlib; atexit.register(pathlib.Path({str(marker)!r}).touch); "
+             "from corral.cli.main import main; main()")  # fmt: skip
+    with (runner.root / "runner.err").open("ab") as err:
+        proc = runner.proc = subprocess.Popen(
+            [sys.executable, "-c", probe, "run", "-c", str(runner.config), "--accel", "tcg",
+             "--poll", "0.2"],  # events as JSON lines on stderr: flushed before the exit
+            stdin=subprocess.DEVNULL, stderr=err, start_new_session=True,
+        )  # fmt: skip
+    qemu_pid = runner.wait_booted()["pid"]
+
+    proc.send_signal(signal.SIGTERM)
+
+    assert proc.wait(timeout=60) == 0
+    assert not _alive(qemu_pid) and runner.status()["state"] == "Stopped"
+    events = [json.loads(line) for line in runner.stderr().splitlines() if line.startswith("{")]
+    last = events[-1] if events else {}
+    assert last.get("event") == "StateChanged" and last.get("state") == "Stopped", events[-3:]
+    assert not marker.exists(), "corral run waited for the interpreter's teardown"

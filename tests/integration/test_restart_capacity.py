@@ -189,3 +189,37 @@ async def test_resource_version_empty_or_zero_is_refused(make_box: Any, tiny_gue
         with pytest.raises(SpecError):
             await m.replace(tiny(tiny_guest, "rc3", state="Stopped"), bad)
     assert m.get("rc3").generation == 1
+
+
+@pytest.mark.timeout(400)
+async def test_a_burst_of_starts_goes_at_once_and_a_refusal_is_an_event(
+    make_box: Any, tiny_guest: Any
+) -> None:
+    """``autostartParallel`` paces only the daemon's own starts (after a host reboot): a
+    user's starts all begin before the first VM is Running. A start refused for capacity is
+    the caller's error and a ``StartRefused`` event."""
+    b = make_box(autostart_parallel=1, cpu_overcommit=2.5 / len(os.sched_getaffinity(0)))
+    m = await b.open()
+    names = NAMES[:3]
+    for name in names:
+        await m.create(tiny(tiny_guest, name, state="Stopped", maximumCpus=1))
+    first, second, third = names
+    await asyncio.gather(m.start(first), m.start(second))
+    for name in (first, second):
+        await b.running(name)
+    changes = [e for e in m.events() if e.kind == "StateChanged" and e.vm in (first, second)]
+    starting = max(min(e.id for e in changes if e.vm == n and e.data["state"] == "Starting")
+                   for n in (first, second))  # fmt: skip
+    running = min(e.id for e in changes if e.data["state"] == "Running")
+    assert starting < running, "the second start waited for the first VM to be Running"
+
+    with pytest.raises(PolicyError, match="this host allows 2"):
+        await m.start(third)
+
+    def refused_events() -> list[StoredEvent]:
+        return [e for e in m.events(third) if e.kind == "StartRefused"]
+
+    await until(lambda: bool(refused_events()), 10, "StartRefused recorded")
+    refused = refused_events()
+    assert "this host allows 2" in refused[-1].data["error"], m.events(third)
+    assert refused[-1].data["reason"] == "Capacity"

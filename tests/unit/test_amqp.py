@@ -429,7 +429,7 @@ async def test_a_daemon_whose_broker_is_away_keeps_trying_and_stops_cleanly(
 
 def test_serve_refuses_the_message_api_without_image_paths(tmp_path: Path) -> None:
     """Whoever may publish may create VMs: like ``--listen``, ``--amqp`` needs the policy's
-    ``imagePaths`` or ``--open-policy``; a bad option stops ``serve`` before anything runs."""
+    ``imagePaths`` or ``--open-policy``; a bad option stops ``serve`` before any service runs."""
     from click.testing import CliRunner
 
     from corral.cli.main import cli
@@ -441,4 +441,5 @@ def test_serve_refuses_the_message_api_without_image_paths(tmp_path: Path) -> No
     assert done.exit_code == 2 and "amqp: the host policy sets no imagePaths" in done.output
     done = CliRunner().invoke(cli, [*args, "--open-policy", "--amqp", "http://x/"])
     assert done.exit_code == 1 and "amqp.url: must be an amqp:// or amqps:// URL" in done.output
-    assert not (tmp_path / "s" / "daemon.lock").exists()  # nothing started
+    # the services are built while the manager re-attaches (issue 15): none of them ran
+    assert not (tmp_path / "s" / "amqp-requests.db").exists()

@@ -542,3 +542,25 @@ def test_remote_images_and_vde_sockets_are_host_policy() -> None:
 def test_bridge_helper_is_a_plain_absolute_program(helper: str) -> None:
     with pytest.raises(ValidationError):
         HostPolicy.model_validate({"bridgeHelper": helper})
+
+
+def test_tcg_tb_size_comes_from_the_host_policy(tmp_path: Path) -> None:
+    """``tcgTbSize`` (MiB) sizes every TCG guest's translation cache: many small TCG guests
+    fit on one host (bench/compare.py's density waves); KVM guests never get it."""
+    from corral.runner.config import render_for_host, resolve_paths
+
+    doc = parse_document({"metadata": {"name": "tb"}, "spec": {"vm": {"maximumRam": "128Mi"}},
+                          "runner": {"dataDir": str(tmp_path / "d"),
+                                     "runtimeDir": str(tmp_path / "r")}})  # fmt: skip
+    paths = resolve_paths(doc)
+
+    def accel(policy: HostPolicy, accelerator: str) -> str:
+        argv = render_for_host(doc, paths, policy, accelerator=accelerator)
+        return argv[argv.index("-accel") + 1]
+
+    small = HostPolicy.model_validate({"tcgTbSize": 16})
+    assert accel(small, "tcg") == "tcg,tb-size=16"
+    assert accel(HostPolicy(), "tcg") == "tcg"
+    assert accel(small, "kvm") == "kvm"
+    with pytest.raises(ValidationError, match="tcgTbSize"):
+        HostPolicy.model_validate({"tcgTbSize": 0})

@@ -8,7 +8,7 @@ import io
 import pytest
 
 from corral.cli.progress import Progress, _Phase, run_each
-from corral.cli.vms import restart, start, stop
+from corral.cli.vm.lifecycle import restart, start, stop
 from corral.errors import FieldIssue, NotFound, QemuError, SpecError
 from corral.manager.waits import WaitTarget
 

@@ -5,11 +5,17 @@ and the display secret file and applies changes in place. SIGTERM/SIGINT stop th
 gracefully; SIGHUP re-reads the document at once. Exit code 0 after a clean stop, 1 if
 qemu crashed or could not start. Events are JSON lines on stderr (or ``--events FILE``).
 The program itself is :mod:`corral.runner.program`; this module only parses flags.
+
+As the ``corral`` program (not inside another, e.g. a test's CliRunner) it leaves with
+``os._exit`` once the runner has returned: qemu and swtpm are reaped, the status and events
+files written and closed, stdout/stderr flushed; what is left (asyncio's executor threads, the
+interpreter's teardown of every module) only delays the exit a supervisor waits on.
 """
 
 from __future__ import annotations
 
 import asyncio
+import os
 import sys
 from pathlib import Path
 
@@ -31,7 +37,9 @@ import click
 @click.option("--boot-marker", default=None, help="Serial console text that means 'booted'.")
 @click.option("--events", "events_file", default=None, help="Append JSON-line events here.")
 @click.option("--poll", default=0.5, show_default=True, help="Config watch interval (s).")
+@click.pass_context
 def run(
+    ctx: click.Context,
     config: str,
     data_dir: str | None,
     runtime_dir: str | None,
@@ -46,8 +54,10 @@ def run(
     """Run one VM in the foreground and keep it matching its document."""
     from corral.runner.program import run_file_program
 
-    code = asyncio.run(
-        run_file_program(
+    whole_process = bool((ctx.find_root().obj or {}).get("process"))
+
+    async def program() -> int:
+        code = await run_file_program(
             Path(config),
             data_dir=data_dir,
             runtime_dir=runtime_dir,
@@ -59,5 +69,17 @@ def run(
             events_file=events_file,
             poll=poll,
         )
-    )
-    sys.exit(code)
+        if whole_process:
+            _exit_now(code)
+        return code
+
+    sys.exit(asyncio.run(program()))
+
+
+def _exit_now(code: int) -> None:
+    import logging
+
+    sys.stdout.flush()
+    sys.stderr.flush()
+    logging.shutdown()
+    os._exit(code)

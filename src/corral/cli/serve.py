@@ -166,6 +166,7 @@ def serve(
     """
     from corral.client import default_socket
     from corral.manager import ManagerConfig
+    from corral.manager.daemon import Service
     from corral.manager.daemon import serve as run_daemon
     from corral.services import build_services
 
@@ -208,8 +209,11 @@ def serve(
             "(docs/amqp.md)",
             err=True,
         )
-    built = build_services(names, cfg, {"api": api, "amqp": amqp})  # all checked before any starts
-    sys.exit(_run_logged(lambda: asyncio.run(run_daemon(cfg, services=built)),
+
+    def built() -> list[Service]:  # all checked before any starts; imported while re-attaching
+        return build_services(names, cfg, {"api": api, "amqp": amqp})
+
+    sys.exit(_run_logged(lambda: asyncio.run(run_daemon(cfg, prepare=built)),
                          log_format, log_level))  # fmt: skip
 
 

@@ -1,7 +1,8 @@
 """The client commands for VMs' documents (``apply``, ``create``, ``delete``, ``set``, ``cd``)
 and guests (``exec``, ``events``, ``console``, ``display``); ``register`` adds these and the
-ones in :mod:`corral.cli.vm` (list/show/ip, the lifecycle verbs, aetherscale's names). Each
-talks to the daemon through :class:`corral.client.Client`."""
+ones in :mod:`corral.cli.vm` (list/show/ip, the lifecycle verbs, aetherscale's names) are
+found by name in :data:`corral.cli.main.COMMANDS`. Each talks to the daemon through
+:class:`corral.client.Client`."""
 
 from __future__ import annotations
 
@@ -14,9 +15,6 @@ import click
 from corral.cli.completion import vm_names
 from corral.cli.connection import client
 from corral.cli.output import OUTPUT, Column, show_object, show_stream
-from corral.cli.vm.aetherscale import ALIASES
-from corral.cli.vm.lifecycle import kill, reset, restart, start, stop, wait_
-from corral.cli.vm.show import ip, list_, show
 from corral.printable import printable
 
 if TYPE_CHECKING:
@@ -24,7 +22,7 @@ if TYPE_CHECKING:
     from corral.spec.views import VmView
 
 __all__ = [
-    "client", "kill", "list_", "register", "reset", "restart", "show", "start", "stop", "wait_",
+    "apply", "cd", "console", "create", "delete", "display", "events", "exec_", "set_",
 ]  # fmt: skip
 
 _ADOPT = click.option("--adopt-disks", "adopt", default=None, metavar="ID",
@@ -252,9 +250,3 @@ def display(ctx: click.Context, name: str, expiry: int, output: str) -> None:
     lines = [*(d["url"] for d in got["displays"]),
              f"password: {got['password']} (valid until {got['expiresAt']})"]  # fmt: skip
     show_object(got, output, name=[d["protocol"] for d in got["displays"]], text=lambda w: lines)
-
-
-def register(cli: click.Group) -> None:
-    for command in (apply, create, list_, show, start, stop, restart, reset, kill, wait_,
-                    delete, set_, cd, exec_, ip, events, console, display, *ALIASES):  # fmt: skip
-        cli.add_command(command)

@@ -13,24 +13,52 @@ what its callers ask).
 Imports only ``corral.spec`` and ``corral.errors`` (DESIGN.md layers).
 """
 
-from corral.host.bridge import open_bridge_tap
-from corral.host.firmware import ensure_vars
-from corral.host.images import ImageRecord, ImageStore
-from corral.host.overlay import ImageInfo, ensure_disk, ensure_overlay, image_info
-from corral.host.process import (
-    TOOL_PACKAGES,
-    find_qemu,
-    find_tool,
-    pid_alive,
-    process_age,
-    process_cmdline,
-    process_exe_name,
-    process_start_time,
-    read_pidfile,
-    run_tool,
-)
-from corral.host.seed import SEED_LABEL, default_instance_id, ensure_seed, seed_files
-from corral.host.swtpm import Swtpm, SwtpmState
+from typing import TYPE_CHECKING
+
+if TYPE_CHECKING:
+    from corral.host.bridge import open_bridge_tap
+    from corral.host.firmware import ensure_vars
+    from corral.host.images import ImageRecord, ImageStore
+    from corral.host.overlay import ImageInfo, ensure_disk, ensure_overlay, image_info
+    from corral.host.process import (
+        TOOL_PACKAGES,
+        find_qemu,
+        find_tool,
+        pid_alive,
+        process_age,
+        process_cmdline,
+        process_exe_name,
+        process_start_time,
+        read_pidfile,
+        run_tool,
+    )
+    from corral.host.seed import SEED_LABEL, default_instance_id, ensure_seed, seed_files
+    from corral.host.swtpm import Swtpm, SwtpmState
+
+# name -> the module that defines it, imported on first use: a runner (``corral run``) that
+# needs the overlay and the seed never loads the image store's download code (http.client).
+_WHERE = {
+    "open_bridge_tap": "bridge", "ensure_vars": "firmware", "ImageRecord": "images",
+    "ImageStore": "images", "ImageInfo": "overlay", "ensure_disk": "overlay",
+    "ensure_overlay": "overlay", "image_info": "overlay", "TOOL_PACKAGES": "process",
+    "find_qemu": "process", "find_tool": "process", "pid_alive": "process",
+    "process_age": "process", "process_cmdline": "process", "process_exe_name": "process",
+    "process_start_time": "process", "read_pidfile": "process", "run_tool": "process",
+    "SEED_LABEL": "seed", "default_instance_id": "seed", "ensure_seed": "seed",
+    "seed_files": "seed", "Swtpm": "swtpm", "SwtpmState": "swtpm",
+}  # fmt: skip
+
+
+def __getattr__(name: str) -> object:
+    where = _WHERE.get(name)
+    if where is None:
+        raise AttributeError(f"module 'corral.host' has no attribute {name!r}")
+    import importlib
+
+    value = getattr(importlib.import_module(f"corral.host.{where}"), name)
+    globals()[name] = value
+    return value
+
 
 __all__ = [
     "SEED_LABEL",

@@ -81,7 +81,12 @@ class Admission(EventHub):
             read_only_ok=[str(self.config.images)],
         )
         if doc.vm.state == "Running":
-            self._check_capacity(doc)
+            try:
+                self._check_capacity(doc)
+            except CapacityError as exc:  # the caller gets the error; the event log keeps it
+                self._record_event(doc.name, "StartRefused", {"reason": "Capacity",
+                                                              "error": str(exc)})  # fmt: skip
+                raise
             if not self._observe(doc.name).active:  # a running VM's own qemu holds them
                 self._check_ports(doc)
 

@@ -65,9 +65,19 @@ Service = Callable[[Manager], AbstractAsyncContextManager[object]]
 """Something that runs beside the manager for the daemon's lifetime (the REST API)."""
 
 
-async def serve(config: ManagerConfig, *, services: Sequence[Service] = ()) -> int:
+async def serve(
+    config: ManagerConfig,
+    *,
+    services: Sequence[Service] = (),
+    prepare: Callable[[], Sequence[Service]] | None = None,
+) -> int:
     """Run until SIGTERM/SIGINT: re-attach, reconcile, run ``services``; then leave VMs
-    running (or stop them all with ``stopVmsOnExit``)."""
+    running (or stop them all with ``stopVmsOnExit``).
+
+    ``prepare`` builds more services in a thread *while* the manager re-attaches: importing
+    the HTTP stack (fastapi, uvicorn) takes longer than re-attaching every VM, which must not
+    wait for it. What it raises (a bad option) ends the daemon after re-attaching, VMs kept
+    running, before any service starts."""
     with daemon_lock(config.state_dir):
         stop = asyncio.Event()
         loop = asyncio.get_running_loop()
@@ -75,7 +85,14 @@ async def serve(config: ManagerConfig, *, services: Sequence[Service] = ()) -> i
             loop.add_signal_handler(sig, stop.set)
         notify("STATUS=re-attaching running VMs")
         manager = Manager(config)
-        adopted = await manager.open()
+        preparing = asyncio.ensure_future(asyncio.to_thread(prepare)) if prepare else None
+        try:
+            adopted = await manager.open()
+        except BaseException:
+            if preparing is not None:
+                preparing.cancel()
+                await asyncio.gather(preparing, return_exceptions=True)
+            raise
         reattached = sum(1 for ok in adopted.values() if ok)
         _log(
             "DaemonStarted",
@@ -86,7 +103,8 @@ async def serve(config: ManagerConfig, *, services: Sequence[Service] = ()) -> i
         )
         try:
             async with contextlib.AsyncExitStack() as stack:
-                for service in services:
+                prepared = await preparing if preparing is not None else ()
+                for service in (*services, *prepared):
                     await stack.enter_async_context(service(manager))
                 _log("DaemonReady", pid=os.getpid())
                 notify("READY=1", f"STATUS=serving {len(adopted)} VM(s), {reattached} re-attached")

@@ -88,6 +88,9 @@ class EventHub:
     _passive: bool
     _suspended: bool  # host shutdown: nothing is started again, nothing reconciled
     _autostart: asyncio.Semaphore
+    # VMs the opening reconcile starts (desired Running, no qemu: a host reboot): only these
+    # take turns by ``autostartParallel``; a user's burst of starts goes at once (``workers``)
+    _autostarting: set[str]
     # capacity admission and the desired-state write it allows happen under this lock,
     # so parallel starts cannot all pass against the same free capacity
     _admission: asyncio.Lock

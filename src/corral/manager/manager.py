@@ -118,6 +118,7 @@ class Manager(Reconciler, GuestAccess, ImagesFacade):
         self._passive = False
         self._suspended = False  # host shutdown: nothing is started again, nothing reconciled
         self._autostart = asyncio.Semaphore(config.autostart_parallel)
+        self._autostarting = set()
         # capacity admission and the desired-state write it allows happen under this lock,
         # so parallel starts cannot all pass against the same free capacity
         self._admission = asyncio.Lock()
@@ -164,6 +165,10 @@ class Manager(Reconciler, GuestAccess, ImagesFacade):
         results = await asyncio.gather(*(adopt(r) for r in records))
         self.state = ManagerState.OPEN
         if reconcile:
+            self._autostarting = {
+                r.name for r, ok in zip(records, results, strict=True)
+                if not ok and r.desired == "Running"
+            }  # fmt: skip
             for rec in records:
                 self.kick(rec.name)
             self._resync = asyncio.ensure_future(self._resync_loop())

@@ -167,7 +167,11 @@ class Reconciler(DesiredState):
 
     async def _start(self, record: VmRecord) -> None:
         name = record.name
-        async with self._autostart:
+        limit: contextlib.AbstractAsyncContextManager[object] = (
+            self._autostart if name in self._autostarting else contextlib.nullcontext()
+        )
+        async with limit:
+            self._autostarting.discard(name)
             if not self.reconciling:
                 return
             self._backoff.setdefault(name, Backoff()).attempt += 1

@@ -368,5 +368,6 @@ def render_for_host(
         sandbox=sandbox_options(doc, policy, emulator, taps_passed=tap_fds is not None) or None,
         tap_fds=dict(tap_fds or {}),
         run_as=resolve_run_as(policy.run_as),
+        tcg_tb_size=policy.tcg_tb_size,
     )
     return render_argv(doc, ctx, emulator=emulator)

@@ -128,6 +128,13 @@ class HostPolicy(BaseModel):
         description="user qemu drops to after opening its files (nobody if missing); null: "
         "stay root",
     )
+    tcg_tb_size: int | None = Field(
+        default=None,
+        ge=1,
+        le=4096,
+        description="TCG translation cache per VM in MiB (-accel tcg,tb-size=); null: qemu's "
+        "default (up to 1 GiB); a small one packs many TCG guests on one host",
+    )
     console_log_max_size: ByteSize = Field(
         default=2 * 1024**2,
         ge=4096,

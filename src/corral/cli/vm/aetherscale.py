@@ -8,7 +8,7 @@ import click
 from corral.cli.completion import vm_names
 from corral.cli.connection import client
 
-__all__ = ["ALIASES", "create_vm", "list_vms"]
+__all__ = ["create_vm", "delete_vm", "list_vms", "start_vm", "stop_vm"]
 
 
 @click.command("create-vm", hidden=True)
@@ -55,10 +55,6 @@ def list_vms(ctx: click.Context) -> None:
         click.echo(f"{vm['metadata']['name']}\t{(vm.get('status') or {}).get('state')}")
 
 
-ALIASES = (
-    create_vm,
-    list_vms,
-    _alias("start", "aetherscale: start a VM."),
-    _alias("stop", "aetherscale: stop a VM (--kill: at once)."),
-    _alias("delete", "aetherscale: delete a VM and its disks."),
-)
+start_vm = _alias("start", "aetherscale: start a VM.")
+stop_vm = _alias("stop", "aetherscale: stop a VM (--kill: at once).")
+delete_vm = _alias("delete", "aetherscale: delete a VM and its disks.")

@@ -64,7 +64,7 @@ def _lifecycle(verb: str, target: str | None, doc: str) -> click.Command:
         shown = "Booted" if until else target
 
         def one(name: str) -> dict[str, Any]:
-            return c.action(name, verb, wait=timeout if waits else None, until=until).to_json()
+            return c.act(name, verb, wait=timeout if waits else None, until=until)
 
         def done(name: str, vm: dict[str, Any]) -> str:
             return _lifecycle_line(verb, name, vm, shown if waits else None)

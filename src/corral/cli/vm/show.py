@@ -3,7 +3,7 @@ or ``-o json|yaml|name``."""
 
 from __future__ import annotations
 
-from typing import Any
+from typing import Any, cast
 
 import click
 
@@ -22,7 +22,7 @@ __all__ = ["ip", "list_", "show"]
 def list_(ctx: click.Context, state: str | None, label: str | None, output: str) -> None:
     """List VMs: state, CPUs, RAM, IPs, uptime (-o wide: pid, accelerator, restarts, age,
     labels; -o name: the names)."""
-    vms = [vm.to_json() for vm in client(ctx).list_vms(state=state, label=label)]
+    vms = client(ctx).read("/v1/vms", {"state": state, "label": label})["items"]
     show_items(vms, output, columns=VM_COLUMNS, name=vm_name)
 
 
@@ -32,8 +32,16 @@ def list_(ctx: click.Context, state: str | None, label: str | None, output: str)
 @click.pass_context
 def show(ctx: click.Context, name: str, output: str) -> None:
     """One VM: its document and status (-o json|yaml for the whole document)."""
-    vm = client(ctx).get_vm(name).to_json()
+    vm = _get(ctx, name)
     show_object(vm, output, name=vm_name(vm), text=lambda wide: details(_details(vm, wide)))
+
+
+def _get(ctx: click.Context, name: str) -> dict[str, Any]:
+    """The VM as the daemon sent it: the read commands only print it, so they skip the typed
+    view (pydantic) and the httpx client (:meth:`corral.client.Client.read`)."""
+    from urllib.parse import quote
+
+    return cast(dict[str, Any], client(ctx).read(f"/v1/vms/{quote(name, safe='')}"))
 
 
 def _details(vm: dict[str, Any], wide: bool) -> list[tuple[str, object]]:
@@ -118,5 +126,5 @@ def _forwards(vm: dict[str, Any]) -> str:
 @click.pass_context
 def ip(ctx: click.Context, name: str, output: str) -> None:
     """The guest's IP addresses (from the guest agent), one per line."""
-    ips = client(ctx).get_vm(name).status.ips
+    ips = [str(ip) for ip in (_get(ctx, name).get("status") or {}).get("ips") or []]
     show_object({"name": name, "ips": ips}, output, name=ips, text=lambda wide: ips)
