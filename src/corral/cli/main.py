@@ -60,6 +60,7 @@ def _register() -> None:
     cli.add_command(run.run)
     cli.add_command(serve.serve)
     cli.add_command(serve.token)
+    cli.add_command(serve.user)
     cli.add_command(images.image)
     cli.add_command(disks.disk)
     cli.add_command(logs.logs)

@@ -98,6 +98,19 @@ class _Registered(click.Choice[str]):
     type=click.Path(dir_okay=False),
     help="Hashed bearer tokens for TCP (corral token create).",
 )
+@click.option(
+    "--users",
+    "users_file",
+    default=None,
+    type=click.Path(dir_okay=False),
+    help="Local users for the pages and the TCP API (corral user add; default: the config's "
+    "users).",
+)
+@click.option(
+    "--metrics-on-loopback",
+    is_flag=True,
+    help="Let anyone connecting from 127.0.0.1/::1 read /metrics without a token.",
+)
 @click.option("--tls-cert", default=None, type=click.Path(dir_okay=False))
 @click.option("--tls-key", default=None, type=click.Path(dir_okay=False))
 @click.option(
@@ -159,6 +172,8 @@ def serve(
     log_level: str,
     services: tuple[str, ...],
     amqp_url: str | None,
+    users_file: str | None,
+    metrics_on_loopback: bool,
 ) -> None:
     """Run the manager: keep every VM in its desired state; SIGTERM leaves VMs running.
 
@@ -198,7 +213,8 @@ def serve(
     api = {
         "socket": None if no_socket else Path(socket_path) if socket_path else default_socket(),
         "socketGroup": socket_group, "listen": listen, "tokensFile": tokens_file,
-        "tlsCert": tls_cert, "tlsKey": tls_key,
+        "tlsCert": tls_cert, "tlsKey": tls_key, "usersFile": users_file,
+        "metricsOnLoopback": metrics_on_loopback,
     }  # fmt: skip
     amqp = {"url": amqp_url} if amqp_url is not None else {}
     if amqp_url is not None and urllib.parse.urlsplit(amqp_url).password:
@@ -247,3 +263,27 @@ def token_create(name: str, tokens_file: str) -> None:
     from corral.api.auth import create_token
 
     click.echo(create_token(Path(tokens_file), name))
+
+
+@click.group()
+def user() -> None:
+    """Local users (bcrypt hashes) for the pages and the TCP API."""
+
+
+@user.command("add")
+@click.argument("name")
+@click.option("--role", "roles", multiple=True, metavar="ROLE",
+              help="A role (repeat for several; admin may do everything).")  # fmt: skip
+@click.option("--file", "users_file", required=True, type=click.Path(dir_okay=False),
+              help="The users file (hashes only; created 0600).")  # fmt: skip
+def user_add(name: str, roles: tuple[str, ...], users_file: str) -> None:
+    """Add user NAME, or set its password and roles. The password is read from the terminal
+    (asked twice), or as one line from stdin when it is not a terminal; never from argv."""
+    from corral.api.users import add_user
+
+    if sys.stdin.isatty():
+        password = click.prompt("Password", hide_input=True, confirmation_prompt=True)
+    else:
+        password = sys.stdin.readline().rstrip("\r\n")
+    add_user(Path(users_file), name, password, roles)
+    click.echo(f"user {name} saved in {users_file}", err=True)
