@@ -203,10 +203,15 @@ class Authenticate:
 
 
 async def _refuse(scope: Scope, send: Send, exc: CorralError) -> None:
+    """The refusal as problem+json; a websocket handshake gets it as its denial response
+    (the server's ``websocket.http.response`` extension), else a close with 4000 + status."""
+    prefix = ""
     if scope["type"] == "websocket":
-        code = 4000 + exc.status
-        await send({"type": "websocket.close", "code": code, "reason": exc.message[:120]})
-        return
+        if "websocket.http.response" not in scope.get("extensions", {}):
+            code = 4000 + exc.status
+            await send({"type": "websocket.close", "code": code, "reason": exc.message[:120]})
+            return
+        prefix = "websocket."
     body = json.dumps(exc.to_problem()).encode()
     headers = [
         (b"content-type", b"application/problem+json"),
@@ -214,5 +219,5 @@ async def _refuse(scope: Scope, send: Send, exc: CorralError) -> None:
     ]
     if exc.status == 401:
         headers.append((b"www-authenticate", b'Bearer realm="corral"'))
-    await send({"type": "http.response.start", "status": exc.status, "headers": headers})
-    await send({"type": "http.response.body", "body": body})
+    await send({"type": f"{prefix}http.response.start", "status": exc.status, "headers": headers})
+    await send({"type": f"{prefix}http.response.body", "body": body})

@@ -30,7 +30,7 @@ from pathlib import Path
 
 from fastapi import APIRouter
 from fastapi.responses import Response
-from prometheus_client import CONTENT_TYPE_LATEST, CollectorRegistry, Histogram, generate_latest
+from prometheus_client import CollectorRegistry, Histogram, generate_latest
 from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily
 from prometheus_client.registry import Collector
 
@@ -39,6 +39,7 @@ from corral.manager import Manager, ManagerState
 __all__ = ["METRICS_ROLE", "VmCollector", "metrics_registry", "metrics_routes"]
 
 METRICS_ROLE = "metrics"
+TEXT_FORMAT = "text/plain; version=0.0.4; charset=utf-8"  # what every Prometheus reads
 STATES = ("Stopped", "Starting", "Running", "Stopping", "Crashed", "Failed")
 _TICK = os.sysconf("SC_CLK_TCK")
 _PAGE = os.sysconf("SC_PAGE_SIZE")
@@ -178,6 +179,6 @@ def metrics_routes(manager: Manager) -> APIRouter:
 
     @router.get("/metrics", response_class=Response)
     async def metrics() -> Response:
-        return Response(generate_latest(registry), media_type=CONTENT_TYPE_LATEST)
+        return Response(generate_latest(registry), media_type=TEXT_FORMAT)
 
     return router
