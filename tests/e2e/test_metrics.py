@@ -5,6 +5,8 @@ is cheap, and who may scrape is enforced (a token; not an ordinary user)."""
 
 from __future__ import annotations
 
+import json
+import re
 import time
 from collections.abc import Iterator, Sequence
 from typing import Any
@@ -14,7 +16,7 @@ import pytest
 import yaml
 from prometheus_client.parser import text_string_to_metric_families
 
-from tests.e2e.test_api_cli import Stack, running_stack
+from tests.e2e.test_api_cli import REPO, Stack, running_stack
 from tests.integration.test_manager import tiny
 
 pytestmark = [pytest.mark.integration, pytest.mark.slow]
@@ -129,3 +131,13 @@ def test_odd_names_never_reach_a_label(stack: Stack, guest: str, tiny_guest: Any
     names = {s.labels["vm"] for f in text_string_to_metric_families(r.text)
              for s in f.samples if "vm" in s.labels}  # fmt: skip
     assert len(names) == DEFINED + 1 and all(n.startswith("mt-") for n in names)
+
+
+def test_the_grafana_dashboard_asks_only_for_metrics_that_exist(stack: Stack, guest: str) -> None:
+    dashboard = json.loads((REPO / "deploy/grafana/corral.json").read_text())
+    exprs = [t["expr"] for p in dashboard["panels"] for t in p["targets"]]
+    exprs += [v["query"] for v in dashboard["templating"]["list"] if v["type"] == "query"]
+    asked = {name for e in exprs for name in re.findall(r"\bcorral_[a-z_]+", e)}
+    families, _ = scrape(stack)
+    served = {s.name for f in families.values() for s in f.samples}
+    assert asked and asked <= served, asked - served
