@@ -269,3 +269,10 @@ async def test_metrics_need_admin_or_the_metrics_role_or_loopback(
     async with client(manager, access, metrics_on_loopback=True) as http:  # 127.0.0.1
         assert (await http.get("/metrics")).status_code == 200
         problem(await http.get("/v1/vms"), 401)  # only /metrics is open
+
+
+async def test_login_on_a_daemon_without_users_is_a_401(manager: Manager) -> None:
+    """Not a 5xx (the fuzzer's rule): there is simply no one to log in as."""
+    async with client(manager, Access()) as http:
+        r = await http.post("/v1/session", json={"username": "a", "password": "b"})
+        assert "--users" in problem(r, 401)

@@ -34,7 +34,7 @@ from pydantic import BaseModel, ConfigDict, Field
 
 from corral.api.problems import problem_response
 from corral.api.users import LOCAL, Principal, User, UsersFile
-from corral.errors import Unauthorized, Unsupported
+from corral.errors import Unauthorized
 
 if TYPE_CHECKING:
     from corral.api.auth import TokenFile
@@ -187,7 +187,7 @@ def session_routes(access: Access) -> APIRouter:
         if origin is not None and not same_origin(request.scope, origin):
             return problem_response(403, "a login from another origin is refused")
         if access.users is None:
-            raise Unsupported("this daemon has no users file (corral serve --users FILE)")
+            raise Unauthorized("this daemon has no users (corral serve --users FILE)")
         client = request.client.host if request.client else ""
         wait = access.limiter.retry_after(body.username, client)
         if wait is not None:
