@@ -152,6 +152,13 @@ class _Registered(click.Choice[str]):
     help="A daemon service to run (repeat for several; default: the config's services, "
     "else api). Names: corral.services.SERVICES.",
 )
+@click.option(
+    "--vv-validity",
+    type=click.IntRange(1, 3600),
+    default=None,
+    metavar="SECONDS",
+    help="web: how long the password in a SPICE .vv download stays valid (default 10).",
+)
 def serve(
     state_dir: str,
     config_file: str | None,
@@ -174,6 +181,7 @@ def serve(
     amqp_url: str | None,
     users_file: str | None,
     metrics_on_loopback: bool,
+    vv_validity: int | None,
 ) -> None:
     """Run the manager: keep every VM in its desired state; SIGTERM leaves VMs running.
 
@@ -224,7 +232,9 @@ def serve(
             "(docs/amqp.md)",
             err=True,
         )
-    built = build_services(names, cfg, {"api": api, "amqp": amqp})  # all checked before any starts
+    web = {"vvValidity": vv_validity} if vv_validity is not None else {}
+    # all checked before any starts
+    built = build_services(names, cfg, {"api": api, "amqp": amqp, "web": web})
     sys.exit(_run_logged(lambda: asyncio.run(run_daemon(cfg, services=built)),
                          log_format, log_level))  # fmt: skip
 

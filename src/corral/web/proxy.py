@@ -1,0 +1,84 @@
+"""The browser's way to a VM's graphical display: a websocket ↔ TCP proxy to qemu's VNC server
+(noVNC speaks RFB over a binary websocket), and a SPICE ``.vv`` file for remote-viewer.
+
+qemu's VNC listens on the host (``spec.vm.display.vnc``, 127.0.0.1 by default): the proxy lets
+a browser reach it through the daemon's one TCP listener, behind the API's authentication, so
+the VNC port itself never needs to be exposed. qemu still asks for the VNC password (the page
+gets a fresh one that expires in seconds from ``POST /v1/vms/{name}/display``).
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+from collections.abc import AsyncIterator
+
+from starlette.websockets import WebSocket
+
+from corral.api.console import proxy_console
+from corral.errors import Conflict, HostError
+from corral.manager import Manager
+
+__all__ = ["proxy_vnc", "vnc_address", "vnc_stream", "vv_file"]
+
+_CONNECT_TIMEOUT = 5.0
+
+
+def vnc_address(manager: Manager, name: str) -> tuple[str, int]:
+    """Where the running VM ``name``'s VNC server listens; Conflict if it has none."""
+    record = manager.get(name)
+    display = record.document.vm.display
+    if display is None or display.vnc is None:
+        raise Conflict(f"VM {name!r} has no VNC display (spec.vm.display.vnc)")
+    if record.status.get("state") != "Running":
+        raise Conflict(f"VM {name!r} is not running")
+    host = display.vnc.address
+    return ("127.0.0.1" if host in ("0.0.0.0", "::") else host), display.vnc.port  # noqa: S104
+
+
+@contextlib.asynccontextmanager
+async def vnc_stream(
+    address: tuple[str, int],
+) -> AsyncIterator[tuple[asyncio.StreamReader, asyncio.StreamWriter]]:
+    """A TCP connection to the VNC server, as the API's console proxy takes a stream."""
+    try:
+        reader, writer = await asyncio.wait_for(asyncio.open_connection(*address), _CONNECT_TIMEOUT)
+    except (OSError, TimeoutError) as exc:
+        raise HostError(f"cannot reach the VNC server: {exc}") from exc
+    try:
+        yield reader, writer
+    finally:
+        writer.close()
+        with contextlib.suppress(OSError):
+            await writer.wait_closed()
+
+
+async def proxy_vnc(websocket: WebSocket, address: tuple[str, int]) -> None:
+    """Pipe the websocket's binary messages to the VNC server and back until either ends
+    (the serial console's proxy, on a TCP stream)."""
+    await proxy_console(websocket, vnc_stream(address))
+
+
+def _vv_value(value: object) -> str:
+    """A value for one line of the .vv (INI) file: no line breaks can get in."""
+    text = str(value)
+    if any(c in text for c in "\r\n\0"):
+        raise ValueError("a .vv value has a line break")
+    return text
+
+
+def vv_file(name: str, host: str, port: int, password: str, *, title: str | None = None) -> str:
+    """remote-viewer's connection file for a SPICE display (virt-viewer's ``[virt-viewer]``
+    section), with the fresh password and ``delete-this-file`` so it does not linger."""
+    lines = [
+        "[virt-viewer]",
+        "type=spice",
+        f"host={_vv_value(host)}",
+        f"port={int(port)}",
+        f"password={_vv_value(password)}",
+        f"title={_vv_value(title or name)}",
+        "delete-this-file=1",
+        "toggle-fullscreen=shift+f11",
+        "release-cursor=shift+f12",
+    ]
+    return "\n".join(lines) + "\n"
