@@ -5,8 +5,12 @@ is cheap, and who may scrape is enforced (a token; not an ordinary user)."""
 
 from __future__ import annotations
 
+import fcntl
 import json
+import os
 import re
+import struct
+import subprocess
 import time
 from collections.abc import Iterator, Sequence
 from typing import Any
@@ -16,6 +20,7 @@ import pytest
 import yaml
 from prometheus_client.parser import text_string_to_metric_families
 
+from corral.api.metrics import read_nics
 from tests.e2e.test_api_cli import REPO, Stack, running_stack
 from tests.integration.test_manager import tiny
 
@@ -140,4 +145,30 @@ def test_the_grafana_dashboard_asks_only_for_metrics_that_exist(stack: Stack, gu
     asked = {name for e in exprs for name in re.findall(r"\bcorral_[a-z_]+", e)}
     families, _ = scrape(stack)
     served = {s.name for f in families.values() for s in f.samples}
+    served |= {f"{f.name}_total" for f in families.values() if f.type == "counter"}  # no taps
     assert asked and asked <= served, asked - served
+
+
+def test_tap_counters_come_from_the_taps_the_process_holds() -> None:
+    """What ``corral_vm_network_*`` reads for a tap or bridge NIC, on a real tap this test
+    holds as qemu does (a process with an fd on /dev/net/tun): the frames written to the fd
+    are what the guest sent."""
+    tunsetiff, iff_tap, iff_no_pi = 0x400454CA, 0x0002, 0x1000
+    try:
+        fd = os.open("/dev/net/tun", os.O_RDWR)
+    except OSError as exc:
+        raise AssertionError(f"/dev/net/tun: {exc} (modprobe tun; run as root)") from exc
+    try:
+        ifr = fcntl.ioctl(fd, tunsetiff, struct.pack("16sH", b"crlmt%d", iff_tap | iff_no_pi))
+        name = ifr[:16].rstrip(b"\0").decode()
+        subprocess.run(["ip", "link", "set", name, "up"], check=True, timeout=30)
+        frame = b"\xff" * 6 + b"\x02\x00\x00\x00\x00\x01" + b"\x88\xb5" + b"corral" * 20
+        for _ in range(3):
+            os.write(fd, frame)
+        nics = read_nics(os.getpid())
+        assert name in nics, nics
+        received, sent = nics[name]
+        assert sent >= 3 * len(frame) and received >= 0
+    finally:
+        os.close(fd)
+    assert name not in read_nics(os.getpid())

@@ -4,12 +4,14 @@ Per VM (label ``vm``, a DNS-1123 name; the values are read where they are real a
 
 * from the manager's store: ``corral_vm_state{state}`` (1 for the state it is in),
   ``corral_vm_up``, ``corral_vm_vcpus`` and ``corral_vm_memory_bytes`` (what the runner
-  applied: the CPUs online and the balloon's size; absent while stopped), their maxima,
+  applied: the CPUs online, ``query-balloon``'s ``actual``; absent while stopped), their maxima,
   ``corral_vm_restarts`` (crash restarts the manager counted);
 * from qemu's process (``/proc/PID``, while running): ``corral_vm_cpu_seconds_total`` (qemu's
   user+system time, all vCPUs and I/O threads), ``corral_vm_resident_memory_bytes``,
   ``corral_vm_disk_read_bytes_total`` / ``..._written_bytes_total`` (qemu's block I/O as the
-  host kernel counted it: every disk of the VM together);
+  host kernel counted it: every disk of the VM together),
+  ``corral_vm_network_receive_bytes_total`` / ``..._transmit_bytes_total`` (label
+  ``interface``: each tap qemu holds, from the guest's side; slirp NICs have none);
 * the daemon: ``corral_up``, ``corral_manager_open``, ``corral_store_writable``,
   ``corral_reconciling``, ``corral_vms`` and the histogram ``corral_reconcile_seconds`` (one
   VM's reconcile pass).
@@ -51,6 +53,40 @@ class ProcessSample:
     resident_bytes: int
     read_bytes: int | None
     written_bytes: int | None
+    nics: dict[str, tuple[int, int]]  # tap name -> (bytes the guest received, sent)
+
+
+def read_nics(pid: int, proc: Path = Path("/proc"), sys_net: Path = Path("/sys/class/net")
+              ) -> dict[str, tuple[int, int]]:  # fmt: skip
+    """The tap devices process ``pid`` holds open (the tun driver names each in the fd's
+    ``fdinfo``: ``iff:``), with the bytes its guest received and sent: the tap's transmit and
+    receive counters (what the host sends into a tap, the guest receives). qemu holds the taps
+    of ``tap`` and ``bridge`` NICs; user-mode (slirp) NICs have no host-side counters."""
+    found: dict[str, tuple[int, int]] = {}
+    base = proc / str(pid)
+    try:
+        fds = list((base / "fd").iterdir())
+    except OSError:
+        return found
+    for fd in fds:
+        try:
+            if os.readlink(fd) != "/dev/net/tun":
+                continue
+            info = (base / "fdinfo" / fd.name).read_text()
+        except OSError:
+            continue
+        for line in info.splitlines():
+            key, _, name = line.partition(":")
+            name = name.strip()
+            if key == "iff" and name and "/" not in name and not name.startswith("."):
+                stats = sys_net / name / "statistics"
+                try:
+                    received = int((stats / "tx_bytes").read_text())
+                    sent = int((stats / "rx_bytes").read_text())
+                except (OSError, ValueError):
+                    continue
+                found[name] = (received, sent)
+    return found
 
 
 def read_process(pid: int, proc: Path = Path("/proc")) -> ProcessSample | None:
@@ -72,7 +108,7 @@ def read_process(pid: int, proc: Path = Path("/proc")) -> ProcessSample | None:
         read, written = int(io["read_bytes"]), int(io["write_bytes"])
     except (OSError, KeyError, ValueError):
         pass  # /proc/PID/io needs the same user or CAP_SYS_PTRACE
-    return ProcessSample(cpu, int(statm[1]) * _PAGE, read, written)
+    return ProcessSample(cpu, int(statm[1]) * _PAGE, read, written, read_nics(pid, proc))
 
 
 class VmCollector(Collector):
@@ -128,6 +164,14 @@ class VmCollector(Collector):
         disk_written = CounterMetricFamily(
             "corral_vm_disk_written_bytes", "bytes qemu wrote to storage", labels=["vm"]
         )
+        net_in = CounterMetricFamily(
+            "corral_vm_network_receive_bytes", "bytes the guest received on a tap NIC",
+            labels=["vm", "interface"],
+        )  # fmt: skip
+        net_out = CounterMetricFamily(
+            "corral_vm_network_transmit_bytes", "bytes the guest sent on a tap NIC",
+            labels=["vm", "interface"],
+        )  # fmt: skip
         live: set[int] = set()
         for record in records:
             name, status, vm = record.name, record.status, record.document.vm
@@ -154,10 +198,13 @@ class VmCollector(Collector):
             if sample.read_bytes is not None and sample.written_bytes is not None:
                 disk_read.add_metric([name], sample.read_bytes)
                 disk_written.add_metric([name], sample.written_bytes)
+            for nic, (received, sent) in sorted(sample.nics.items()):
+                net_in.add_metric([name, nic], received)
+                net_out.add_metric([name, nic], sent)
         for pid in set(self._cache) - live:
             del self._cache[pid]
         yield from (state, up, vcpus, vcpus_max, ram, ram_max, restarts, cpu, rss,
-                    disk_read, disk_written)  # fmt: skip
+                    disk_read, disk_written, net_in, net_out)  # fmt: skip
 
 
 def metrics_registry(manager: Manager) -> CollectorRegistry:
