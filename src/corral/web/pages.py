@@ -81,19 +81,19 @@ def web_routes(manager: Manager, sampler: HostSampler, settings: WebSettings) ->
     async def ui_root() -> RedirectResponse:
         return RedirectResponse("/ui/vms", status_code=303)
 
-    @router.get("/ui/static/{path:path}", include_in_schema=False)
+    @router.api_route("/ui/static/{path:path}", methods=["GET", "HEAD"], include_in_schema=False)
     async def static(path: str) -> Response:
         return _file(settings.static, path)
 
-    @router.get("/ui/vendor/{path:path}", include_in_schema=False)
+    @router.api_route("/ui/vendor/{path:path}", methods=["GET", "HEAD"], include_in_schema=False)
     async def vendor(path: str) -> Response:
         return _file(settings.vendor, path)
 
-    @router.get("/ui/vms/{name}", include_in_schema=False)
+    @router.api_route("/ui/vms/{name}", methods=["GET", "HEAD"], include_in_schema=False)
     async def vm_page(name: str) -> Response:
         return _file(settings.static, "vm.html")  # the page reads the name from its URL
 
-    @router.get("/ui/{page}", include_in_schema=False)
+    @router.api_route("/ui/{page}", methods=["GET", "HEAD"], include_in_schema=False)
     async def page(page: str) -> Response:
         if page not in _PAGES:
             raise NotFound(f"no page {page!r}")
