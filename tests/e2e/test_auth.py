@@ -196,3 +196,20 @@ def test_tokens_are_admins_and_unaffected_by_csrf(stack: Stack, vms: dict[str, A
     root, _ = session(stack, "root")  # an admin user sees everything too
     with contextlib.closing(root):
         assert len(root.get("/v1/vms").json()["items"]) == 2
+
+
+def test_the_live_event_feed_shows_only_permitted_vms(stack: Stack, vms: dict[str, Any]) -> None:
+    bob, _ = session(stack, "bob")
+    auth = {"Authorization": f"Bearer {stack.token}"}
+    lines: list[str] = []
+    with contextlib.closing(bob), bob.stream("GET", "/v1/events?follow=true") as r:
+        assert r.status_code == 200
+        with httpx.Client(base_url=base(stack), timeout=60, headers=auth) as admin:
+            for name in ("au-other", "au-run"):  # the admin touches both; bob may see one
+                patch = {"metadata": {"labels": {"touched": "yes"}}}
+                assert admin.patch(f"/v1/vms/{name}", json=patch).status_code == 200
+        for line in r.iter_lines():
+            lines.append(line)
+            if line.startswith("data:") and '"au-run"' in line:
+                break
+    assert not [line for line in lines if "au-other" in line]
