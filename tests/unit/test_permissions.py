@@ -20,7 +20,8 @@ from corral.api.auth import create_token
 from corral.api.permissions import ROUTE_RULES, Action, may, visible
 from corral.api.server import BearerAuth
 from corral.api.session import Access
-from corral.api.users import Principal, UsersFile, hash_password
+from corral.api.users import Principal, UsersFile, add_user, hash_password, remove_user
+from corral.errors import HostError, NotFound
 from corral.manager import Manager, ManagerConfig
 from corral.spec import HostPolicy
 
@@ -276,3 +277,32 @@ async def test_login_on_a_daemon_without_users_is_a_401(manager: Manager) -> Non
     async with client(manager, Access()) as http:
         r = await http.post("/v1/session", json={"username": "a", "password": "b"})
         assert "--users" in problem(r, 401)
+
+
+async def test_a_changed_users_file_applies_without_a_restart(
+    manager: Manager, access: Access
+) -> None:
+    """``corral user add``/``remove`` while the daemon runs: a new user logs in at once, a
+    changed role applies to open sessions, a removed user's session ends."""
+    assert access.users is not None
+    path = access.users.path
+    async with client(manager, access) as bob, client(manager, access) as dave:
+        await login(bob, "bob", "bob-pw")
+        assert len((await bob.get("/v1/vms")).json()["items"]) == 2  # mine, team (role ops)
+        add_user(path, "dave", "dave-pw", ("ops",))
+        await login(dave, "dave", "dave-pw")
+        add_user(path, "bob", "bob-pw", ())  # bob loses role ops
+        names = [v["metadata"]["name"] for v in (await bob.get("/v1/vms")).json()["items"]]
+        assert names == ["mine"]
+        assert (await bob.get("/v1/session")).json()["roles"] == []
+        remove_user(path, "bob")
+        with pytest.raises(NotFound):
+            remove_user(path, "bob")
+        assert "ended" in problem(await bob.get("/v1/vms"), 401)
+        r = await bob.post("/v1/session", json={"username": "bob", "password": "bob-pw"})
+        problem(r, 401)
+        path.chmod(0o644)  # broken on purpose: the users read before stay
+        path.write_text(path.read_text() + "\n")
+        assert (await dave.get("/v1/vms")).status_code == 200
+    with pytest.raises(HostError):
+        remove_user(path, "dave")  # nor is a public file rewritten

@@ -113,6 +113,10 @@ def test_user_add_reads_the_password_from_stdin_never_argv(tmp_path: Path) -> No
     assert result.exit_code == 1 and "name" in result.output
     result = CliRunner().invoke(cli, ["user", "add", "bob", "--file", str(path), "--password", "p"])
     assert result.exit_code == 2  # there is no such option
+    result = CliRunner().invoke(cli, ["user", "remove", "alice", "--file", str(path)])
+    assert result.exit_code == 0 and UsersFile.load(path).entries == {}
+    result = CliRunner().invoke(cli, ["user", "remove", "alice", "--file", str(path)])
+    assert result.exit_code == 1 and "no user 'alice'" in result.output
 
 
 def test_sessions_end_when_idle_or_too_old_and_on_logout() -> None:

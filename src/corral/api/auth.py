@@ -179,7 +179,11 @@ class Authenticate:
             if not hmac.compare_digest(sent.encode(), session.csrf.encode()):
                 raise Forbidden(f"{scope.get('method')} with a session cookie needs the "
                                 "session's X-CSRF-Token header")  # fmt: skip
-        return Principal.of_user(session.user)
+        user = self.access.user(session.user.name)  # the users file may have changed
+        if user is None:
+            self.access.sessions.drop(session_id)
+            raise Unauthorized("the session has ended; log in again")
+        return Principal.of_user(user)
 
     def _open(self, scope: Scope) -> bool:
         path = str(scope.get("path", ""))

@@ -21,6 +21,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import logging
 import secrets
 import time
 from collections import deque
@@ -34,7 +35,7 @@ from pydantic import BaseModel, ConfigDict, Field
 
 from corral.api.problems import problem_response
 from corral.api.users import LOCAL, Principal, User, UsersFile
-from corral.errors import Unauthorized
+from corral.errors import CorralError, Unauthorized
 
 if TYPE_CHECKING:
     from corral.api.auth import TokenFile
@@ -44,6 +45,7 @@ __all__ = [
     "principal_of", "same_origin", "session_routes",
 ]  # fmt: skip
 
+_log = logging.getLogger("corral.api.session")
 COOKIE = "corral_session"
 CSRF_HEADER = "x-csrf-token"
 PRINCIPAL_KEY = "corral.principal"
@@ -142,12 +144,42 @@ class LoginLimiter:
 
 @dataclass
 class Access:
-    """Who may use a listener: bearer tokens (admins), local users with sessions."""
+    """Who may use a listener: bearer tokens (admins), local users with sessions.
+
+    The users file is read again when it changes (``corral user add`` while the daemon runs):
+    a new user can log in at once, and a session whose user was removed ends at its next
+    request; a changed role applies to it at once. A file that stops loading (broken, made
+    public) keeps the users last read, and says so in the log."""
 
     tokens: TokenFile | None = None
     users: UsersFile | None = None
     sessions: SessionStore = field(default_factory=SessionStore)
     limiter: LoginLimiter = field(default_factory=LoginLimiter)
+    _stamp: tuple[int, int, int] | None = None
+
+    def current_users(self) -> UsersFile | None:
+        if self.users is None:
+            return None
+        try:
+            st = self.users.path.stat()
+        except OSError:
+            return self.users
+        stamp = (st.st_mtime_ns, st.st_size, st.st_ino)
+        if self._stamp is None:
+            self._stamp = stamp
+        elif stamp != self._stamp:
+            self._stamp = stamp
+            try:
+                self.users = UsersFile.load(self.users.path)
+            except CorralError as exc:
+                _log.warning("kept the users read before: %s", exc)
+        return self.users
+
+    def user(self, name: str) -> User | None:
+        """``name`` as the users file says now (None: no longer a user)."""
+        users = self.current_users()
+        entry = users.entries.get(name) if users is not None else None
+        return entry.user if entry is not None else None
 
 
 def principal_of(conn: Request | Any) -> Principal:
@@ -186,7 +218,8 @@ def session_routes(access: Access) -> APIRouter:
         origin = request.headers.get("origin")
         if origin is not None and not same_origin(request.scope, origin):
             return problem_response(403, "a login from another origin is refused")
-        if access.users is None:
+        users = access.current_users()
+        if users is None:
             raise Unauthorized("this daemon has no users (corral serve --users FILE)")
         client = request.client.host if request.client else ""
         wait = access.limiter.retry_after(body.username, client)
@@ -195,7 +228,7 @@ def session_routes(access: Access) -> APIRouter:
                 429, "too many failed logins; try again later",
                 headers={"Retry-After": str(int(wait + 0.999))},
             )  # fmt: skip
-        user = await asyncio.to_thread(access.users.verify, body.username, body.password)
+        user = await asyncio.to_thread(users.verify, body.username, body.password)
         if user is None:
             access.limiter.failed(body.username, client)
             raise Unauthorized("wrong username or password")

@@ -27,11 +27,11 @@ from pathlib import Path
 import bcrypt
 import yaml
 
-from corral.errors import FieldIssue, HostError, SpecError
+from corral.errors import FieldIssue, HostError, NotFound, SpecError
 
 __all__ = [
     "ADMIN_ROLE", "ANONYMOUS", "LOCAL", "MAX_PASSWORD_BYTES", "Principal", "User", "UsersFile",
-    "add_user", "hash_password", "read_private",
+    "add_user", "hash_password", "read_private", "remove_user",
 ]  # fmt: skip
 
 ADMIN_ROLE = "admin"
@@ -165,19 +165,16 @@ class UsersFile:
         return entry.user
 
 
-def add_user(path: Path, name: str, password: str, roles: tuple[str, ...]) -> None:
-    """Add ``name`` to ``path`` (created 0600), or replace its password and roles; written to
-    a private temporary file and renamed, so the file is never seen half-written."""
-    _check_name(name)
-    checked = _check_roles(list(roles), "role")
-    items: list[dict[str, object]] = []
-    if path.exists():
-        UsersFile.load(path)  # refuse to rewrite a broken or public file
-        items = list(yaml.safe_load(path.read_text(encoding="utf-8")) or [])
-    entry: dict[str, object] = {
-        "name": name, "passwordHash": hash_password(password), "roles": list(checked),
-    }  # fmt: skip
-    items = [i for i in items if i.get("name") != name] + [entry]
+def _entries(path: Path) -> list[dict[str, object]]:
+    if not path.exists():
+        return []
+    UsersFile.load(path)  # refuse to rewrite a broken or public file
+    return list(yaml.safe_load(path.read_text(encoding="utf-8")) or [])
+
+
+def _write(path: Path, items: list[dict[str, object]]) -> None:
+    """``items`` into ``path`` (0600) through a private temporary file and a rename: a daemon
+    reading it never sees it half-written, and notices the change (a new inode)."""
     tmp = path.with_name(f".{path.name}.tmp")
     try:
         fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o600)
@@ -189,6 +186,25 @@ def add_user(path: Path, name: str, password: str, roles: tuple[str, ...]) -> No
         os.replace(tmp, path)
     except OSError as exc:
         raise HostError(f"cannot write users file {path}: {exc}") from exc
+
+
+def add_user(path: Path, name: str, password: str, roles: tuple[str, ...]) -> None:
+    """Add ``name`` to ``path`` (created 0600), or replace its password and roles."""
+    _check_name(name)
+    checked = _check_roles(list(roles), "role")
+    entry: dict[str, object] = {
+        "name": name, "passwordHash": hash_password(password), "roles": list(checked),
+    }  # fmt: skip
+    _write(path, [i for i in _entries(path) if i.get("name") != name] + [entry])
+
+
+def remove_user(path: Path, name: str) -> None:
+    """Remove ``name`` from ``path``; a running daemon ends their sessions."""
+    items = _entries(path)
+    kept = [i for i in items if i.get("name") != name]
+    if len(kept) == len(items):
+        raise NotFound(f"no user {name!r} in {path}")
+    _write(path, kept)
 
 
 @dataclass(frozen=True)

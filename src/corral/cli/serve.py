@@ -172,6 +172,8 @@ def serve(
     no_socket: bool,
     listen: str | None,
     tokens_file: str | None,
+    users_file: str | None,
+    metrics_on_loopback: bool,
     tls_cert: str | None,
     tls_key: str | None,
     open_policy: bool,
@@ -179,8 +181,6 @@ def serve(
     log_level: str,
     services: tuple[str, ...],
     amqp_url: str | None,
-    users_file: str | None,
-    metrics_on_loopback: bool,
     vv_validity: int | None,
 ) -> None:
     """Run the manager: keep every VM in its desired state; SIGTERM leaves VMs running.
@@ -297,3 +297,15 @@ def user_add(name: str, roles: tuple[str, ...], users_file: str) -> None:
         password = sys.stdin.readline().rstrip("\r\n")
     add_user(Path(users_file), name, password, roles)
     click.echo(f"user {name} saved in {users_file}", err=True)
+
+
+@user.command("remove")
+@click.argument("name")
+@click.option("--file", "users_file", required=True, type=click.Path(dir_okay=False),
+              help="The users file.")  # fmt: skip
+def user_remove(name: str, users_file: str) -> None:
+    """Remove user NAME (a running daemon ends their sessions at their next request)."""
+    from corral.api.users import remove_user
+
+    remove_user(Path(users_file), name)
+    click.echo(f"user {name} removed from {users_file}", err=True)
