@@ -1,9 +1,10 @@
 """The web pages in a real browser (Debian's chromium, driven by Playwright) against a real
 ``corral serve`` and real qemu guests: log in, the list follows a start from the CLI live, a
 start from the page, CPUs changed on the page and seen in the guest, the noVNC console shows
-the guest's screen changing, the serial console (xterm.js) runs a command, a SPICE ``.vv``
-download with a short-lived password, and a user without ``accessConsole`` gets no console.
-Screenshots of each page go to docs/img/ (the README shows one)."""
+the guest's screen changing, the SPICE console (spice-html5) shows it, the serial console
+(xterm.js) runs a command, a SPICE ``.vv`` download with a short-lived password, and a user
+without ``accessConsole`` gets no console. Screenshots of each page go to docs/img/ (the README
+shows one)."""
 
 from __future__ import annotations
 
@@ -32,6 +33,13 @@ CANVAS_DIGEST = """async () => {
   const px = c.getContext("2d").getImageData(0, 0, c.width, c.height).data;
   const d = await crypto.subtle.digest("SHA-256", px);
   return Array.from(new Uint8Array(d)).map((b) => b.toString(16).padStart(2, "0")).join("");
+}"""
+
+LIT_PIXELS = """(selector) => {
+  const c = document.querySelector(selector);
+  const px = c.getContext("2d").getImageData(0, 0, c.width, c.height).data;
+  for (let i = 0; i < px.length; i += 4) if (px[i] + px[i + 1] + px[i + 2] > 200) return true;
+  return false;
 }"""
 
 
@@ -151,9 +159,15 @@ def test_pages_live_list_controls_and_consoles(
     assert page.locator("#vnc").screenshot() != shot1
     screenshot(page, "vm", full_page=True)
 
-    # SPICE .vv download: a fresh password, valid the daemon's default 10 s
+    # SPICE in the browser: spice-html5 through the daemon's proxy shows the guest's screen
     page.goto(web_daemon.url + "/ui/vms/webvm2")
     page.wait_for_selector("body[data-ready=true]")
+    page.click("#open-spice")
+    page.wait_for_selector("#spice canvas", timeout=30_000)
+    page.wait_for_function(LIT_PIXELS, arg="#spice canvas", timeout=30_000)
+    screenshot(page, "spice", full_page=True)
+
+    # SPICE .vv download: a fresh password, valid the daemon's default 10 s
     with page.expect_download() as download:
         page.click("#download-vv")
     text = Path(download.value.path()).read_text(encoding="utf-8")
@@ -195,7 +209,7 @@ def test_user_without_access_console_gets_no_console(
     status = page.evaluate("""async () => (await fetch('/v1/vms/limited/display', {method: 'POST',
         headers: {'X-CSRF-Token': sessionStorage.getItem('corral.csrf')}})).status""")
     assert status == 403
-    for path in ("/v1/vms/limited/console", "/v1/vms/limited/vnc"):
+    for path in ("/v1/vms/limited/console", "/v1/vms/limited/vnc", "/v1/vms/limited/spice"):
         opened = page.evaluate("""(path) => new Promise((resolve) => {
             const ws = new WebSocket('ws://' + location.host + path);
             ws.onopen = () => { ws.close(); resolve(true); };

@@ -102,6 +102,7 @@ ROUTE_RULES: dict[tuple[str, str], Rule] = {
     ("GET", "/ui/{page}"): (ANYONE,),
     ("GET", "/v1/host/history"): (ANYONE,),
     ("WS", f"{_VM}/vnc"): (Action.ACCESS_CONSOLE,),
+    ("WS", f"{_VM}/spice"): (Action.ACCESS_CONSOLE,),
     ("POST", f"{_VM}/display.vv"): (Action.ACCESS_CONSOLE,),
 }
 """(method, route path) → what it needs; ``WS`` for a websocket route. Anything else needs

@@ -19,7 +19,7 @@ from fastapi.responses import FileResponse, RedirectResponse, Response
 
 from corral.errors import Conflict, CorralError, NotFound
 from corral.manager import Manager
-from corral.web.proxy import proxy_vnc, vnc_address, vv_file
+from corral.web.proxy import display_address, proxy_display, vv_file
 from corral.web.sampler import HostSampler
 
 __all__ = ["CSP", "STATIC", "VENDOR", "WebSettings", "web_routes"]
@@ -107,17 +107,24 @@ def web_routes(manager: Manager, sampler: HostSampler, settings: WebSettings) ->
             "samples": [s.to_json() for s in sampler.samples],
         }
 
+    async def display(websocket: WebSocket, name: str, protocol: str) -> None:
+        try:
+            address = display_address(manager, name, protocol)
+        except CorralError as exc:
+            await websocket.close(code=1011, reason=exc.message[:120])
+            return
+        await proxy_display(websocket, address)
+
     @router.websocket("/v1/vms/{name}/vnc")
     async def vnc(websocket: WebSocket, name: str) -> None:
         """RFB over a binary websocket to the VM's VNC server (noVNC's transport)."""
-        try:
-            address = vnc_address(manager, name)
-        except CorralError as exc:
-            await websocket.close(
-                code=4403 if exc.status == 403 else 1011, reason=exc.message[:120]
-            )
-            return
-        await proxy_vnc(websocket, address)
+        await display(websocket, name, "vnc")
+
+    @router.websocket("/v1/vms/{name}/spice")
+    async def spice(websocket: WebSocket, name: str) -> None:
+        """SPICE over a binary websocket to the VM's SPICE server (spice-html5's transport;
+        each SPICE channel is one websocket)."""
+        await display(websocket, name, "spice")
 
     @router.post("/v1/vms/{name}/display.vv", response_class=Response)
     async def display_vv(

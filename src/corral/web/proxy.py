@@ -1,9 +1,10 @@
-"""The browser's way to a VM's graphical display: a websocket ↔ TCP proxy to qemu's VNC server
-(noVNC speaks RFB over a binary websocket), and a SPICE ``.vv`` file for remote-viewer.
+"""The browser's way to a VM's graphical display: a websocket ↔ TCP proxy to qemu's VNC or
+SPICE server (noVNC and spice-html5 speak their protocol over a binary websocket), and a SPICE
+``.vv`` file for remote-viewer.
 
-qemu's VNC listens on the host (``spec.vm.display.vnc``, 127.0.0.1 by default): the proxy lets
-a browser reach it through the daemon's one TCP listener, behind the API's authentication, so
-the VNC port itself never needs to be exposed. qemu still asks for the VNC password (the page
+qemu's displays listen on the host (``spec.vm.display``, 127.0.0.1 by default): the proxy lets
+a browser reach them through the daemon's one TCP listener, behind the API's authentication, so
+the display ports never need to be exposed. qemu still asks for the display password (the page
 gets a fresh one that expires in seconds from ``POST /v1/vms/{name}/display``).
 """
 
@@ -19,32 +20,37 @@ from corral.api.console import proxy_console
 from corral.errors import Conflict, HostError
 from corral.manager import Manager
 
-__all__ = ["proxy_vnc", "vnc_address", "vnc_stream", "vv_file"]
+__all__ = ["display_address", "display_stream", "proxy_display", "vv_file"]
 
 _CONNECT_TIMEOUT = 5.0
 
 
-def vnc_address(manager: Manager, name: str) -> tuple[str, int]:
-    """Where the running VM ``name``'s VNC server listens; Conflict if it has none."""
+def display_address(manager: Manager, name: str, protocol: str) -> tuple[str, int]:
+    """Where the running VM ``name``'s ``protocol`` (``vnc``, ``spice``) display listens;
+    Conflict if it has none or does not run."""
     record = manager.get(name)
     display = record.document.vm.display
-    if display is None or display.vnc is None:
-        raise Conflict(f"VM {name!r} has no VNC display (spec.vm.display.vnc)")
+    cfg = None if display is None else display.vnc if protocol == "vnc" else display.spice
+    if cfg is None:
+        raise Conflict(
+            f"VM {name!r} has no {protocol.upper()} display (spec.vm.display.{protocol})"
+        )
     if record.status.get("state") != "Running":
         raise Conflict(f"VM {name!r} is not running")
-    host = display.vnc.address
-    return ("127.0.0.1" if host in ("0.0.0.0", "::") else host), display.vnc.port  # noqa: S104
+    host = cfg.address
+    return ("127.0.0.1" if host in ("0.0.0.0", "::") else host), cfg.port  # noqa: S104
 
 
 @contextlib.asynccontextmanager
-async def vnc_stream(
+async def display_stream(
     address: tuple[str, int],
 ) -> AsyncIterator[tuple[asyncio.StreamReader, asyncio.StreamWriter]]:
-    """A TCP connection to the VNC server, as the API's console proxy takes a stream."""
+    """A TCP connection to a display server (VNC, SPICE), as the API's console proxy takes a
+    stream."""
     try:
         reader, writer = await asyncio.wait_for(asyncio.open_connection(*address), _CONNECT_TIMEOUT)
     except (OSError, TimeoutError) as exc:
-        raise HostError(f"cannot reach the VNC server: {exc}") from exc
+        raise HostError(f"cannot reach the display server: {exc}") from exc
     try:
         yield reader, writer
     finally:
@@ -53,10 +59,10 @@ async def vnc_stream(
             await writer.wait_closed()
 
 
-async def proxy_vnc(websocket: WebSocket, address: tuple[str, int]) -> None:
-    """Pipe the websocket's binary messages to the VNC server and back until either ends
-    (the serial console's proxy, on a TCP stream)."""
-    await proxy_console(websocket, vnc_stream(address))
+async def proxy_display(websocket: WebSocket, address: tuple[str, int]) -> None:
+    """Pipe the websocket's binary messages to the display server and back until either
+    ends (the serial console's proxy, on a TCP stream)."""
+    await proxy_console(websocket, display_stream(address))
 
 
 def _vv_value(value: object) -> str:

@@ -5,6 +5,7 @@ const name = decodeURIComponent(location.pathname.split("/")[3] || "");
 let vm = null;
 let consoleAllowed = null; // null: unknown yet
 let rfb = null;
+let spice = null;
 let serial = null;
 
 function wsUrl(path) {
@@ -69,6 +70,7 @@ function renderConsoleButtons() {
     buttons.push(el("button", { type: "button", id: "open-vnc", disabled: !running, onclick: openVnc }, "VNC console"));
   }
   if (display.spice) {
+    buttons.push(el("button", { type: "button", id: "open-spice", disabled: !running, onclick: openSpice }, "SPICE console"));
     buttons.push(el("button", { type: "button", id: "download-vv", disabled: !running, onclick: downloadVv }, "SPICE .vv file"));
   }
   box.replaceChildren(...buttons);
@@ -95,6 +97,25 @@ async function openVnc() {
     if (!e.detail.clean) flash("VNC: disconnected");
   });
   rfb.addEventListener("securityfailure", (e) => flash("VNC: " + (e.detail.reason || "refused")));
+}
+
+async function openSpice() {
+  const { SpiceMainConn } = await import("/ui/vendor/spice-html5/src/main.js");
+  if (spice) spice.stop();
+  const target = document.getElementById("spice");
+  target.hidden = false;
+  target.replaceChildren(el("div", { id: "spice-screen" }));
+  let password;
+  try {
+    password = (await api("POST", apiVm(name, "/display?expiry=10"))).password;
+  } catch (err) {
+    return flash("SPICE: " + err.message);
+  }
+  spice = new SpiceMainConn({
+    uri: wsUrl(apiVm(name, "/spice")), screen_id: "spice-screen", password,
+    onerror: (e) => flash("SPICE: " + (e && e.message ? e.message : "disconnected")),
+    onsuccess: () => (target.dataset.connected = "true"),
+  });
 }
 
 async function openSerial() {
