@@ -31,6 +31,7 @@ help:
 	@echo "make test   - run the whole test suite (unit + integration + e2e)"
 	@echo "make lint   - ruff, mypy --strict, import-linter"
 	@echo "make bench  - benchmarks (writes results to bench/results/)"
+	@echo "make web    - vendor the web pages' front-end packages from npm (make run/test do it)"
 
 deps: deps-system deps-python
 
@@ -59,6 +60,7 @@ $(VENV)/.installed: pyproject.toml
 deps-python: $(VENV)/.installed
 
 guests: deps
+	$(PY) guests/build.py all
 
 # the web pages' front-end packages, from the npm registry (pinned + hashed), served locally
 WEB_VENDOR := src/corral/web/vendor/.vendored
@@ -66,7 +68,6 @@ $(WEB_VENDOR): scripts/vendor-web.sh
 	scripts/vendor-web.sh
 
 web: deps-system $(WEB_VENDOR)
-	$(PY) guests/build.py all
 
 run: deps web
 	$(PY) examples/demo.py

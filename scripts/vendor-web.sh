@@ -25,6 +25,7 @@ command -v npm >/dev/null || { echo "vendor-web: npm is missing (apt-get install
 stamp="$DEST/.vendored"
 want="$(printf '%s\n' "${PACKAGES[@]}" | sha256sum | cut -d' ' -f1)"
 if [ -f "$stamp" ] && [ "$(cat "$stamp")" = "$want" ]; then
+  touch "$stamp"
   exit 0  # already there, same pins
 fi
 
