@@ -42,7 +42,8 @@ def stack(tiny_guest: Any) -> Iterator[Stack]:
 
 @pytest.fixture(scope="module")
 def guest(stack: Stack, tiny_guest: Any) -> str:
-    doc = tiny(tiny_guest, "mt-run", maximumCpus=2, currentCpus=2)
+    data = {"name": "data", "file": {"path": str(stack.root / "mt-data.qcow2"), "size": "16Mi"}}
+    doc = tiny(tiny_guest, "mt-run", maximumCpus=2, currentCpus=2, disks=[data])
     doc["spec"]["permissions"] = [{"user": "dora", "may": ["*"]}]
     path = stack.root / "mt-run.yaml"
     path.write_text(yaml.safe_dump(doc))
@@ -102,10 +103,19 @@ def test_metrics_match_the_running_guest(stack: Stack, guest: str) -> None:
     latency = [s for s in families["corral_reconcile_seconds"].samples
                if s.name == "corral_reconcile_seconds_count"]  # fmt: skip
     assert latency and latency[0].value >= 1
+    read = sum(s.value for s in families["corral_vm_block_read_bytes"].samples
+               if s.labels["vm"] == guest)  # fmt: skip
+    assert [s.labels["drive"] for s in families["corral_vm_block_read_bytes"].samples
+            if s.labels["vm"] == guest]  # fmt: skip
     stack.guest(guest, "i=0; while [ $i -lt 200000 ]; do i=$((i+1)); done")
-    time.sleep(2.5)  # past the 2 s cache of /proc reads
+    stack.guest(guest, "dd if=/dev/vda of=/dev/null bs=65536 count=64 iflag=direct 2>&1 || "
+                       "dd if=/dev/vda of=/dev/null bs=65536 count=64")  # fmt: skip
+    time.sleep(2.5)  # past the 2 s cache of /proc and QMP reads
     again, _ = scrape(stack)
     assert value(again, "corral_vm_cpu_seconds", vm=guest) > cpu
+    read_again = sum(s.value for s in again["corral_vm_block_read_bytes"].samples
+                     if s.labels["vm"] == guest)  # fmt: skip
+    assert read_again >= read + 4 * 1024**2  # the guest's dd, as qemu counted it
 
 
 def test_a_scrape_of_100_vms_is_cheap(stack: Stack, guest: str) -> None:

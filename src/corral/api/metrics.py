@@ -12,23 +12,29 @@ Per VM (label ``vm``, a DNS-1123 name; the values are read where they are real a
   host kernel counted it: every disk of the VM together),
   ``corral_vm_network_receive_bytes_total`` / ``..._transmit_bytes_total`` (label
   ``interface``: each tap qemu holds, from the guest's side; slirp NICs have none);
+* from qemu over QMP (``query-blockstats``, where the backend holds the QMP connection: the
+  embedded one): ``corral_vm_block_{read,written}_bytes_total`` and
+  ``corral_vm_block_{read,write}_operations_total`` per ``drive``;
 * the daemon: ``corral_up``, ``corral_manager_open``, ``corral_store_writable``,
   ``corral_reconciling``, ``corral_vms`` and the histogram ``corral_reconcile_seconds`` (one
   VM's reconcile pass).
 
-The per-process reads are cached ``cache_seconds`` (2 s), so a scrape costs one read of the
-store plus, at most every 2 s, three small files per running VM. Who may scrape: an admin (a
-bearer token), a user with role ``metrics``, or, with ``metricsOnLoopback: true`` in the API's
-options (``corral serve --metrics-on-loopback``), anyone connecting from 127.0.0.1/::1.
+The per-process and QMP reads are cached ``cache_seconds`` (2 s), so a scrape costs one read
+of the store plus, at most every 2 s, a few small files and one QMP query per running VM. Who
+may scrape: an admin (a bearer token), a user with role ``metrics``, or, with
+``metricsOnLoopback: true`` in the API's options (``corral serve --metrics-on-loopback``),
+anyone connecting from 127.0.0.1/::1.
 """
 
 from __future__ import annotations
 
+import asyncio
 import os
 import time
 from collections.abc import Iterator
 from dataclasses import dataclass
 from pathlib import Path
+from typing import Any
 
 from fastapi import APIRouter
 from fastapi.responses import Response
@@ -36,7 +42,9 @@ from prometheus_client import CollectorRegistry, Histogram, generate_latest
 from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily
 from prometheus_client.registry import Collector
 
+from corral.errors import CorralError
 from corral.manager import Manager, ManagerState
+from corral.manager.backends import Capability
 
 __all__ = ["METRICS_ROLE", "VmCollector", "metrics_registry", "metrics_routes"]
 
@@ -111,11 +119,58 @@ def read_process(pid: int, proc: Path = Path("/proc")) -> ProcessSample | None:
     return ProcessSample(cpu, int(statm[1]) * _PAGE, read, written, read_nics(pid, proc))
 
 
+@dataclass(frozen=True)
+class DriveSample:
+    drive: str
+    read_bytes: int
+    written_bytes: int
+    read_operations: int
+    write_operations: int
+
+    @classmethod
+    def parse(cls, entry: dict[str, Any]) -> DriveSample | None:
+        stats = entry.get("stats")
+        name = str(entry.get("device") or entry.get("qdev") or "").rsplit("/", 1)[-1]
+        if not isinstance(stats, dict) or not name:
+            return None
+        try:
+            return cls(name[:64], *(int(stats.get(k) or 0) for k in (
+                "rd_bytes", "wr_bytes", "rd_operations", "wr_operations")))  # fmt: skip
+        except (TypeError, ValueError):
+            return None
+
+
 class VmCollector(Collector):
     def __init__(self, manager: Manager, cache_seconds: float = 2.0) -> None:
         self.manager = manager
         self.cache_seconds = cache_seconds
         self._cache: dict[int, tuple[float, ProcessSample | None]] = {}
+        self._drives: dict[str, tuple[float, list[DriveSample]]] = {}
+
+    async def refresh(self) -> None:
+        """Ask each running VM's qemu for ``query-blockstats`` (when the backend can; at most
+        every ``cache_seconds``, 2 s per VM at most): :meth:`collect` cannot wait."""
+        backend = self.manager.backend
+        if Capability.BLOCK_STATS not in backend.capabilities:
+            return
+        now = time.monotonic()
+        running = [r.name for r in self.manager.store.all()
+                   if r.status.get("state") == "Running"]  # fmt: skip
+
+        async def one(name: str) -> None:
+            hit = self._drives.get(name)
+            if hit is not None and now - hit[0] < self.cache_seconds:
+                return
+            try:
+                entries = await asyncio.wait_for(backend.block_stats(name), 2)
+            except (CorralError, TimeoutError):
+                entries = []
+            parsed = [DriveSample.parse(e) for e in entries]
+            self._drives[name] = (now, [d for d in parsed if d is not None])
+
+        await asyncio.gather(*(one(n) for n in running))
+        for gone in set(self._drives) - set(running):
+            del self._drives[gone]
 
     def _process(self, pid: int) -> ProcessSample | None:
         now = time.monotonic()
@@ -172,6 +227,21 @@ class VmCollector(Collector):
             "corral_vm_network_transmit_bytes", "bytes the guest sent on a tap NIC",
             labels=["vm", "interface"],
         )  # fmt: skip
+        drive_metrics = [
+            CounterMetricFamily(f"corral_vm_block_{what}", help_, labels=["vm", "drive"])
+            for what, help_ in (
+                ("read_bytes", "bytes the guest read from a drive (query-blockstats)"),
+                ("written_bytes", "bytes the guest wrote to a drive"),
+                ("read_operations", "read requests the guest made of a drive"),
+                ("write_operations", "write requests the guest made of a drive"),
+            )
+        ]
+        for vm_name, (_, drives) in sorted(self._drives.items()):
+            for d in drives:
+                values = (d.read_bytes, d.written_bytes, d.read_operations, d.write_operations)
+                for family, count in zip(drive_metrics, values, strict=True):
+                    family.add_metric([vm_name, d.drive], count)
+        yield from drive_metrics
         live: set[int] = set()
         for record in records:
             name, status, vm = record.name, record.status, record.document.vm
@@ -207,25 +277,27 @@ class VmCollector(Collector):
                     disk_read, disk_written, net_in, net_out)  # fmt: skip
 
 
-def metrics_registry(manager: Manager) -> CollectorRegistry:
+def metrics_registry(manager: Manager) -> tuple[CollectorRegistry, VmCollector]:
     """A registry of its own per app (not the process-global one): the VMs, and the reconcile
     latency the manager reports to ``reconcile_observers``."""
     registry = CollectorRegistry(auto_describe=False)
-    registry.register(VmCollector(manager))
+    collector = VmCollector(manager)
+    registry.register(collector)
     latency = Histogram(
         "corral_reconcile_seconds", "one VM's reconcile pass", registry=registry,
         buckets=(0.005, 0.01, 0.05, 0.1, 0.5, 1, 5, 15, 60, 300),
     )  # fmt: skip
     manager.reconcile_observers.append(latency.observe)
-    return registry
+    return registry, collector
 
 
 def metrics_routes(manager: Manager) -> APIRouter:
     router = APIRouter(tags=["metrics"])
-    registry = metrics_registry(manager)
+    registry, collector = metrics_registry(manager)
 
     @router.get("/metrics", response_class=Response)
     async def metrics() -> Response:
+        await collector.refresh()
         return Response(generate_latest(registry), media_type=TEXT_FORMAT)
 
     return router
