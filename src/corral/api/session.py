@@ -25,13 +25,14 @@ import logging
 import secrets
 import time
 from collections import deque
-from collections.abc import Callable
+from collections.abc import Callable, Mapping
 from dataclasses import dataclass, field
 from typing import TYPE_CHECKING, Annotated, Any
 
 from fastapi import APIRouter, Request, Response
 from fastapi.responses import JSONResponse
 from pydantic import BaseModel, ConfigDict, Field
+from starlette.requests import HTTPConnection
 
 from corral.api.problems import problem_response
 from corral.api.users import LOCAL, Principal, User, UsersFile
@@ -182,14 +183,14 @@ class Access:
         return entry.user if entry is not None else None
 
 
-def principal_of(conn: Request | Any) -> Principal:
+def principal_of(conn: HTTPConnection) -> Principal:
     """The principal :class:`~corral.api.auth.Authenticate` put on the request; none there
     means no authentication layer wraps the app (the unix socket, an in-process client)."""
     found = conn.scope.get(PRINCIPAL_KEY)
     return found if isinstance(found, Principal) else LOCAL
 
 
-def same_origin(scope: dict[str, Any] | Any, origin: str) -> bool:
+def same_origin(scope: Mapping[str, Any], origin: str) -> bool:
     """``origin`` (an Origin header) is the origin the request was sent to."""
     scheme = str(scope.get("scheme", "http")).replace("ws", "http", 1)
     host = ""
