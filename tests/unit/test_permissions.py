@@ -81,8 +81,12 @@ def _routes(routes: list[Any]) -> list[Any]:
 
 
 def test_every_route_has_a_rule(manager: Manager) -> None:
-    """A route without a line would be admin-only: a new route must say what it needs."""
+    """A route without a line would be admin-only: a new route must say what it needs (the
+    web pages' routes too: they are served in the same app)."""
+    from corral.web.service import service_from_config as web_service
+
     app = create_app(manager)
+    app.include_router(web_service(manager.config, {}).api_routes(manager))
     missing = []
     for route in _routes(app.routes):
         if isinstance(route, APIWebSocketRoute):
