@@ -16,6 +16,7 @@ from typing import Any
 import pytest
 
 from tests.e2e.webpage import ADMIN, WebDaemon, browser, login, screenshot, web_daemon
+from tests.integration.harness import tk
 from tests.integration.test_manager import tiny
 
 __all__ = ["browser", "web_daemon"]
@@ -97,7 +98,8 @@ def test_pages_live_list_controls_and_consoles(
     assert "script-src 'self'" in headers["content-security-policy"]
 
     # the list follows the CLI live: a VM created, then started, with no reload
-    web_daemon.apply(vm_doc(tiny_guest, "webvm", display={"vnc": {"port": 5993}}))
+    web_daemon.apply(vm_doc(tiny_guest, "webvm", display={"vnc": {"port": 5993}},
+                            disks=[{"name": "cd0", "cdrom": {"image": ""}}]))  # fmt: skip
     web_daemon.apply(vm_doc(tiny_guest, "webvm2", display={"spice": {"port": 5994}}))
     row_state(page, "webvm", "Stopped", 30)
     loaded = page.evaluate("() => performance.timeOrigin")
@@ -111,9 +113,21 @@ def test_pages_live_list_controls_and_consoles(
     assert '"Running"' in web_daemon.cli("show", "webvm2", "-o", "json").stdout
     screenshot(page, "list")
 
-    # the VM's page: serial console (xterm.js over the console websocket) runs a command
+    # the VM's page: a CD from the image store, inserted live
+    iso = tk.make_iso(web_daemon.root / "disc.iso", {"hello.txt": "from the page\n"})
+    web_daemon.cli("image", "import", "disc", str(iso))  # over the unix socket: a host file
     page.goto(web_daemon.url + "/ui/vms/webvm")
     page.wait_for_selector("body[data-ready=true]")
+    page.wait_for_selector("#media select.cd-image option:text-is('disc')", state="attached",
+                           timeout=60_000)  # fmt: skip
+    page.select_option("#media select.cd-image", label="disc")
+    page.click("#media button.cd-change")
+    deadline = time.monotonic() + 60
+    while not web_daemon.vm("webvm")["status"].get("cdrom", {}).get("cd0"):
+        assert time.monotonic() < deadline, f"no CD: {page.inner_text('#flash')}"
+        time.sleep(0.5)
+
+    # serial console (xterm.js over the console websocket) runs a command
     page.click("#open-serial")
     page.wait_for_selector("#serial[data-connected=true]", timeout=30_000)
     page.click("#serial")

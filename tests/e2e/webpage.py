@@ -7,6 +7,7 @@ A browser or daemon that cannot start fails the test with what to install.
 
 from __future__ import annotations
 
+import json
 import os
 import shutil
 import signal
@@ -102,6 +103,9 @@ class WebDaemon:
                               env=env(self.socket), timeout=timeout, check=False)  # fmt: skip
         assert done.returncode == 0, f"corral {' '.join(args)}: {done.stderr}\n{self.log()}"
         return done
+
+    def vm(self, name: str) -> dict[str, Any]:
+        return dict(json.loads(self.cli("show", name, "-o", "json").stdout))
 
     def apply(self, doc: dict[str, Any]) -> None:
         path = self.root / f"{doc['metadata']['name']}.yaml"

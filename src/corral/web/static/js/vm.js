@@ -38,7 +38,9 @@ async function renderMedia(images) {
     const current = (status.cdrom || {})[driveName] ?? drive.cdrom.image ?? "";
     const select = el("select", { "aria-label": "image for " + driveName, class: "cd-image" },
       el("option", { value: "" }, "(empty)"),
-      images.map((img) => el("option", { value: img.name, selected: img.name === current }, img.name)));
+      images.map((img) => el("option", {
+        value: img.name, selected: img.name === current || img.path === current,
+      }, img.name)));
     const change = el("button", { type: "button", class: "cd-change" }, "Change");
     change.addEventListener("click", async () => {
       try {
