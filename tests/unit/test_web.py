@@ -57,3 +57,25 @@ def test_host_sampler_keeps_the_last_window_of_real_samples() -> None:
     assert (sample.vm_cpus, sample.vm_ram, sample.running) == (3, 2**30, 2)
     assert set(sample.to_json()) == {"time", "cpuPercent", "ramUsed", "ramTotal", "vmCpus",
                                      "vmRam", "running"}  # fmt: skip
+
+
+def test_pages_have_no_inline_script_and_never_parse_html() -> None:
+    """What the CSP forbids (inline script, inline handlers, eval) is not in the pages, and
+    the pages never turn a string into markup: every text goes in through textContent."""
+    import re
+
+    from corral.web.pages import STATIC
+
+    files = sorted(STATIC.rglob("*.*"))
+    assert {f.name for f in files} >= {"index.html", "vm.html", "host.html", "login.html",
+                                       "api.js", "vm.js", "app.css"}  # fmt: skip
+    for path in files:
+        text = path.read_text(encoding="utf-8")
+        if path.suffix == ".html":
+            assert re.findall(r"<script(?![^>]*\bsrc=)[^>]*>", text) == [], path
+            assert re.findall(r"\son[a-z]+\s*=", text) == [], path
+            assert re.findall(r"\b(?:src|href)=\"(?:https?:)?//", text) == [], path  # no CDN
+        if path.suffix == ".js":
+            for risky in ("innerHTML", "outerHTML", "insertAdjacentHTML", "document.write",
+                          "eval(", "new Function"):  # fmt: skip
+                assert risky not in text, f"{path.name}: {risky}"
