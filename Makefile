@@ -14,13 +14,16 @@ PYTEST_ARGS ?=
 # installs the few it needs on top of these (debootstrap, busybox-static, ...) by itself.
 # rabbitmq-server: the message API's tests start their own broker node from it
 # (tests/e2e/broker.py); openssl makes the test certificates (broker TLS, API TLS).
+# npm vendors the web pages' front-end packages (scripts/vendor-web.sh); chromium is the real
+# browser the web pages' tests drive with Playwright (no browser download).
 APT_PACKAGES := qemu-system-x86 qemu-utils qemu-block-extra swtpm swtpm-tools ovmf \
 	mtools dosfstools genisoimage cpio zstd busybox-static debootstrap \
-	python3-venv systemd iproute2 util-linux rabbitmq-server openssl
+	python3-venv systemd iproute2 util-linux rabbitmq-server openssl npm chromium
 APT_COMMANDS := qemu-system-x86_64 qemu-img swtpm swtpm_setup mcopy mkfs.vfat genisoimage \
-	cpio zstd busybox debootstrap systemd-analyze ip unshare rabbitmq-server epmd openssl
+	cpio zstd busybox debootstrap systemd-analyze ip unshare rabbitmq-server epmd openssl \
+	npm chromium
 
-.PHONY: help run stop test lint bench deps deps-system deps-python guests clean
+.PHONY: help run stop test lint bench deps deps-system deps-python guests web clean
 
 help:
 	@echo "make run    - start corral serve and a demo VM (installs qemu & co. if missing)"
@@ -28,6 +31,7 @@ help:
 	@echo "make test   - run the whole test suite (unit + integration + e2e)"
 	@echo "make lint   - ruff, mypy --strict, import-linter"
 	@echo "make bench  - corral vs raw qemu vs libvirt, side by side (docs/benchmarks.md)"
+	@echo "make web    - vendor the web pages' front-end packages from npm (make run/test do it)"
 
 deps: deps-system deps-python
 
@@ -58,13 +62,20 @@ deps-python: $(VENV)/.installed
 guests: deps
 	$(PY) guests/build.py all
 
-run: deps
+# the web pages' front-end packages, from the npm registry (pinned + hashed), served locally
+WEB_VENDOR := src/corral/web/vendor/.vendored
+$(WEB_VENDOR): scripts/vendor-web.sh
+	scripts/vendor-web.sh
+
+web: deps-system $(WEB_VENDOR)
+
+run: deps web
 	$(PY) examples/demo.py
 
 stop: deps-python
 	$(PY) examples/demo.py stop
 
-test: deps lint
+test: deps web lint
 	$(PY) -m pytest $(PYTEST_ARGS)
 
 lint: deps-python

@@ -6,7 +6,10 @@
 3. `corral apply -f` the demo VM document (examples/demo-vm.yaml with the guest's paths) and
    `corral start demo --wait` until it is Running; wait for its guest agent;
 4. show `corral list`, what the guest says through `corral exec`, and how to reach its
-   console and how to stop everything (`make stop` does it).
+   console and how to stop everything (`make stop` does it);
+5. print the web pages' URL (127.0.0.1, port $CORRAL_WEB_PORT, default 8765) and a login that
+   works: user ``admin`` with a password made on the first run and kept in
+   build/demo/web-password (mode 0600).
 
 KVM is used if it really boots guests here (a probe), TCG otherwise.
 """
@@ -27,6 +30,10 @@ ROOT = Path(__file__).resolve().parent.parent
 WORK = ROOT / "build" / "demo"
 SOCKET = WORK / "corral.sock"
 CORRAL = [sys.executable, "-m", "corral.cli.main"]
+WEB_PORT = int(os.environ.get("CORRAL_WEB_PORT", "8765"))
+WEB_URL = f"http://127.0.0.1:{WEB_PORT}/"
+USERS = WORK / "users.yaml"
+PASSWORD = WORK / "web-password"
 
 
 def load_guest_builder() -> Any:
@@ -62,7 +69,24 @@ def daemon_up() -> bool:
     return SOCKET.exists() and corral("list", "-o", "json", check=False, show=False).returncode == 0
 
 
-def start_daemon() -> None:
+def web_login() -> str:
+    """The demo's web user ``admin``: its password, made (and its hash stored) on first use."""
+    if not PASSWORD.exists() or not USERS.exists():
+        import secrets
+
+        password = secrets.token_urlsafe(12)
+        done = subprocess.run([*CORRAL, "user", "add", "admin", "--role", "admin", "--file",
+                               str(USERS)], input=password + "\n", text=True,
+                              capture_output=True, env=env(), check=False)  # fmt: skip
+        if done.returncode != 0:
+            raise SystemExit(f"[demo] corral user add failed: {done.stderr}")
+        fd = os.open(PASSWORD, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o600)
+        with os.fdopen(fd, "w") as f:
+            f.write(password + "\n")
+    return PASSWORD.read_text().strip()
+
+
+def start_daemon(guest_dir: Path) -> None:
     if daemon_up():
         print(f"[demo] reusing the corral daemon on {SOCKET}")
         return
@@ -70,10 +94,15 @@ def start_daemon() -> None:
     # VM sockets must stay below 108 bytes whatever the checkout's path: runtime files in /tmp
     config = WORK / "corral.yaml"
     config.write_text(f"runDir: /tmp/corral-demo-{os.getuid()}/run\n")
+    # the pages listen on TCP: documents may name host files only inside the guest's directory
+    policy = WORK / "host.yaml"
+    policy.write_text(f"imagePaths: [{json.dumps(str(guest_dir))}]\n")
+    web_login()
     log = (WORK / "serve.log").open("ab")
     proc = subprocess.Popen(
         [*CORRAL, "serve", "--state-dir", str(state), "--config", str(config),
-         "--socket", str(SOCKET)],
+         "--socket", str(SOCKET), "--policy", str(policy), "--users", str(USERS),
+         "--listen", f"127.0.0.1:{WEB_PORT}", "--service", "api", "--service", "web"],
         stdin=subprocess.DEVNULL, stdout=log, stderr=log, env=env(), start_new_session=True,
     )  # fmt: skip
     (WORK / "serve.pid").write_text(f"{proc.pid}\n")
@@ -95,7 +124,7 @@ def main() -> int:
     vm_yaml = WORK / "vm.yaml"
     vm_yaml.write_text(doc)
 
-    start_daemon()
+    start_daemon(guest.directory)
     corral("apply", "-f", str(vm_yaml))
     t1 = time.monotonic()
     corral("start", "demo", "--wait", "--timeout", "300")
@@ -119,6 +148,9 @@ Try it (the daemon keeps running):
     corral exec demo -- ps              # a command in the guest
     corral set demo --cpus 3            # CPU hot-plug, live; corral show demo
     corral events demo --follow         # what happens, as it happens
+The web pages (VM list, consoles, host graph):
+    {WEB_URL}
+    user: admin   password: {web_login()}   (kept in {PASSWORD})
 Stop everything:
     make stop                           # powers the VM down, then stops the daemon
 """

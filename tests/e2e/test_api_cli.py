@@ -68,7 +68,8 @@ class Stack:
         assert done.returncode == 0, f"corral {' '.join(args)}: {done.stderr}{done.stdout}"
         return done.stdout
 
-    def start(self) -> None:
+    def start(self, *extra: str) -> None:
+        """``extra``: more ``corral serve`` arguments (``--users FILE``)."""
         self.token = self.ok("token", "create", "ci", "--file", str(self.tokens)).strip()
         with (self.root / "daemon.log").open("ab") as log:
             self.proc = subprocess.Popen(
@@ -76,7 +77,7 @@ class Stack:
                  str(self.root / "state"), "--accel", "tcg", "--resync", "1",
                  "--policy", str(self.root / "host.yaml"), "--socket", str(self.sock),
                  "--open-policy",  # the suite's guests and disks live all over /tmp
-                 "--listen", f"127.0.0.1:{self.port}", "--tokens", str(self.tokens)],
+                 "--listen", f"127.0.0.1:{self.port}", "--tokens", str(self.tokens), *extra],
                 stdin=subprocess.DEVNULL, stdout=log, stderr=log, env=_env(self.sock),
                 start_new_session=True,
             )  # fmt: skip
@@ -106,9 +107,13 @@ class Stack:
 
 
 def running_stack(
-    prefix: str, vm_names: Sequence[str], policy: str | None = None
+    prefix: str,
+    vm_names: Sequence[str],
+    policy: str | None = None,
+    before: Callable[[Stack], Sequence[str]] | None = None,
 ) -> Iterator[Stack]:
-    """A daemon in a fresh /tmp root for a module's tests (``policy``: the host policy's YAML);
+    """A daemon in a fresh /tmp root for a module's tests (``policy``: the host policy's YAML;
+    ``before``: run on the stack before the daemon starts, returns more ``serve`` arguments);
     afterwards the daemon is stopped, the named VMs' qemus killed and the root removed."""
     root = Path(os.path.realpath("/tmp")) / f"{prefix}-{os.getpid()}-{time.monotonic_ns() % 10**8}"
     root.mkdir()
@@ -116,7 +121,7 @@ def running_stack(
     if policy is not None:
         (root / "host.yaml").write_text(policy)
     try:
-        s.start()
+        s.start(*(before(s) if before is not None else ()))
         yield s
     finally:
         if s.proc is not None and s.proc.poll() is None:

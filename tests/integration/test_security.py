@@ -145,17 +145,19 @@ async def test_store_images_only_through_file_image_and_never_written(
     await m.images.import_image("base", str(base))
     stored = m.images.path("base")
     before = hashlib.sha256(stored.read_bytes()).hexdigest()
-    for kind in ({"file": {"path": str(stored)}}, {"device": {"path": str(stored)}},
-                 {"cdrom": {"image": str(stored)}}):  # fmt: skip
+    for kind in ({"file": {"path": str(stored)}}, {"device": {"path": str(stored)}}):
         with pytest.raises(PolicyError, match="manager's own files"):
             await m.create(tiny(tiny_guest, "w", state="Stopped", disks=[kind]))
-    # another VM's disk is off limits too
+    # another VM's disk is off limits too, as a disk or as a CD
     other = box.config.vms / "victim" / "root.qcow2"
     other.parent.mkdir(parents=True)
     qemu_img("create", "-q", "-f", "qcow2", str(other), "16M")
-    with pytest.raises(PolicyError, match="manager's own files"):
-        await m.create(tiny(tiny_guest, "w", state="Stopped",
-                            disks=[{"file": {"path": str(other)}}]))  # fmt: skip
+    for kind in ({"file": {"path": str(other)}}, {"cdrom": {"image": str(other)}}):
+        with pytest.raises(PolicyError, match="manager's own files"):
+            await m.create(tiny(tiny_guest, "w", state="Stopped", disks=[kind]))
+    # a store image as a CD by its name (qemu opens CD media read-only)
+    await m.create(tiny(tiny_guest, "cd", state="Stopped", disks=[{"cdrom": {"image": "base"}}]))
+    await m.delete("cd")
     # the way in: an overlay on the store image, and the base is never written
     await m.create(tiny(tiny_guest, "ok", disks=[{"name": "root", "file": {"image": "base"}}]))
     await box.running("ok")

@@ -185,7 +185,7 @@ def test_services_are_built_by_name_from_the_registry(tmp_path: Path) -> None:
     with pytest.raises(SpecError) as caught:
         build_services(["api", "web2"], config)
     assert [str(i) for i in caught.value.issues] == [
-        "services[1]: 'web2' is not a daemon service; choose from api, amqp"
+        "services[1]: 'web2' is not a daemon service; choose from api, amqp, web"
     ]
     with pytest.raises(SpecError) as caught:
         build_services(["api"], config, {"api": {"listen": "127.0.0.1:0", "sokcet": "x"}})

@@ -23,6 +23,12 @@ become problem+json in ``problems``. Routes (all under ``/v1`` but the probes)::
     POST /v1/vms/{name}/display (?expiry=SECONDS)
     GET|POST /v1/images                 PUT|DELETE /v1/images/{name}   (PUT: upload the bytes)
     GET  /v1/disks                      DELETE /v1/disks/{id}   (retained by deleted VMs)
+    POST|GET|DELETE /v1/session         (log in with a password: a cookie; who am I; log out)
+    GET  /metrics                       (Prometheus text format)
+
+Every route checks the request's principal against :data:`corral.api.permissions.ROUTE_RULES`
+(one app-wide dependency); the TCP listener's :class:`~corral.api.auth.Authenticate` says who
+it is, and an app no such layer wraps (the unix socket) serves an admin.
 """
 
 from __future__ import annotations
@@ -31,7 +37,7 @@ import asyncio
 import re
 from typing import Annotated, Any
 
-from fastapi import FastAPI, Query
+from fastapi import Depends, FastAPI, Query
 from fastapi.responses import JSONResponse, Response
 
 from corral import __version__
@@ -39,7 +45,10 @@ from corral.api.events import event_routes
 from corral.api.guest import ExecRequest, ExecResponse, guest_routes
 from corral.api.images import ImageImportRequest, image_routes
 from corral.api.limits import BodyLimits
+from corral.api.metrics import metrics_routes
+from corral.api.permissions import authorizer
 from corral.api.problems import MAX_BODY, PROBLEM, install_handlers, problem_response
+from corral.api.session import Access, session_routes
 from corral.api.vms import VmList, vm_routes
 from corral.manager import Manager, ManagerState
 
@@ -61,11 +70,15 @@ _BODY_LIMITS = [
 ]
 
 
-def create_app(manager: Manager) -> FastAPI:
+def create_app(manager: Manager, access: Access | None = None) -> FastAPI:
+    """``access``: the listener's tokens, users and sessions (``/v1/session`` logs in with
+    them); the same object its :class:`~corral.api.auth.Authenticate` layer holds."""
+    access = access if access is not None else Access()
     app = FastAPI(
         title="corral",
         version=__version__,
         description="Run and manage QEMU virtual machines without libvirt.",
+        dependencies=[Depends(authorizer(manager))],
     )
     app.add_middleware(
         BodyLimits, max_body=MAX_BODY, max_depth=_MAX_DEPTH, routes=_BODY_LIMITS,
@@ -109,6 +122,7 @@ def create_app(manager: Manager) -> FastAPI:
     ) -> dict[str, str]:
         return await manager.stop_all(timeout)
 
-    for routes in (vm_routes, guest_routes, event_routes, image_routes):
+    for routes in (vm_routes, guest_routes, event_routes, image_routes, metrics_routes):
         app.include_router(routes(manager))
+    app.include_router(session_routes(access))
     return app

@@ -31,7 +31,10 @@ async def proxy_console(websocket: WebSocket, stream: ConsoleStream) -> None:
     except (CorralError, OSError, TimeoutError) as exc:
         await websocket.close(code=1011, reason=str(exc)[:120])
         return
-    await websocket.accept()
+    # a client that asks for the "binary" subprotocol (spice-html5, websockify's clients) gets
+    # it echoed: a browser drops a handshake that ignores the subprotocol it asked for
+    offered = websocket.scope.get("subprotocols") or []
+    await websocket.accept(subprotocol="binary" if "binary" in offered else None)
 
     async def guest_to_client() -> None:
         while True:

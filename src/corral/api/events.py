@@ -11,7 +11,10 @@ from typing import Annotated, Any
 from fastapi import APIRouter, Query, Request
 from fastapi.responses import StreamingResponse
 
+from corral.api.permissions import visible_name
 from corral.api.problems import ProblemError
+from corral.api.session import principal_of
+from corral.api.users import Principal
 from corral.manager import Manager, StoredEvent
 
 __all__ = ["event_routes"]
@@ -46,15 +49,26 @@ def _sse(event: StoredEvent) -> bytes:
 def event_routes(manager: Manager) -> APIRouter:
     router = APIRouter(tags=["events"])
 
-    def _stream(name: str | None, after: int, follow: bool) -> StreamingResponse:
+    def _stream(name: str | None, after: int, follow: bool, who: Principal) -> StreamingResponse:
+        seen: dict[str, bool] = {}
+
+        def shown(event: StoredEvent) -> bool:  # all VMs' events: those the caller may see
+            if name is not None or who.admin:
+                return True
+            if follow or event.vm not in seen:  # a live feed asks each time: grants change
+                seen[event.vm] = visible_name(who, manager, event.vm)
+            return seen[event.vm]
+
         async def body() -> AsyncIterator[bytes]:
             if not follow:
                 for event in manager.events(name, after):
-                    yield _sse(event)
+                    if shown(event):
+                        yield _sse(event)
                 return
             yield b": streaming\n\n"
             async for event in manager.follow(name, after):
-                yield _sse(event)
+                if shown(event):
+                    yield _sse(event)
 
         if name is not None:
             manager.get(name)  # 404 before the stream starts
@@ -66,10 +80,10 @@ def event_routes(manager: Manager) -> APIRouter:
     async def vm_events(
         name: str, request: Request, follow: Follow = False, after: After = 0
     ) -> StreamingResponse:
-        return _stream(name, _after(request, after), follow)
+        return _stream(name, _after(request, after), follow, principal_of(request))
 
     @router.get("/v1/events", response_class=StreamingResponse)
     async def all_events(request: Request, follow: Follow = False, after: After = 0) -> Any:
-        return _stream(None, _after(request, after), follow)
+        return _stream(None, _after(request, after), follow, principal_of(request))
 
     return router

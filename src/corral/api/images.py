@@ -10,7 +10,9 @@ from pydantic import BaseModel, ConfigDict, Field
 from pydantic.alias_generators import to_camel
 from starlette.requests import ClientDisconnect
 
+from corral.api.permissions import visible_name
 from corral.api.problems import ProblemError
+from corral.api.session import principal_of
 from corral.manager import Manager
 
 __all__ = ["ImageImportRequest", "image_routes"]
@@ -29,9 +31,14 @@ def image_routes(manager: Manager) -> APIRouter:
     router = APIRouter()
 
     @router.get("/v1/images", tags=["images"])
-    async def list_images() -> dict[str, list[dict[str, Any]]]:
+    async def list_images(request: Request) -> dict[str, list[dict[str, Any]]]:
+        """Every image; ``users``: the VMs using it that the caller may see."""
+        who = principal_of(request)
         return {
-            "items": [{**img.to_json(), "users": users} for img, users in manager.list_images()]
+            "items": [
+                {**img.to_json(), "users": [u for u in users if visible_name(who, manager, u)]}
+                for img, users in manager.list_images()
+            ]
         }
 
     @router.post("/v1/images", status_code=201, tags=["images"])

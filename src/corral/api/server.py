@@ -4,9 +4,10 @@
   is never reachable with looser permissions, not even for a moment. No token: the socket's
   mode and group are the access control, as for docker.sock or libvirt's socket.
 * TCP: every request carries ``Authorization: Bearer TOKEN`` (the websocket console may use
-  ``?access_token=`` since browsers cannot set headers on a websocket); a missing or wrong
-  token is 401 before any handler runs. Only ``/healthz`` and ``/readyz`` are open (they say
-  nothing but "up"). TLS with ``--tls-cert``/``--tls-key``.
+  ``?access_token=`` since browsers cannot set headers on a websocket) or a local user's
+  session cookie (:mod:`corral.api.auth`); without one it is 401 before any handler runs.
+  Only ``/healthz``, ``/readyz`` and the login are open (they say nothing but "up"), and the
+  web pages' code under ``/ui`` (it holds no data). TLS with ``--tls-cert``/``--tls-key``.
 """
 
 from __future__ import annotations
@@ -14,28 +15,32 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import grp
-import json
 import os
 import socket
-from collections.abc import AsyncIterator, Callable, Iterator, Mapping
+from collections.abc import AsyncIterator, Callable, Iterator, Mapping, Sequence
 from contextlib import AbstractAsyncContextManager
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any
-from urllib.parse import parse_qs
+from typing import Any, cast
 
 import uvicorn
-from starlette.types import ASGIApp, Receive, Scope, Send
+from fastapi import APIRouter
+from starlette.types import ASGIApp
 
-from corral.api.app import PROBLEM, create_app
-from corral.api.auth import TokenFile
-from corral.errors import FieldIssue, HostError, SpecError, Unauthorized
+from corral.api.app import create_app
+from corral.api.auth import Authenticate, TokenFile
+from corral.api.session import Access
+from corral.api.users import UsersFile
+from corral.errors import FieldIssue, HostError, SpecError
 from corral.manager import Manager, ManagerConfig
 
 __all__ = ["DEFAULT_SOCKET", "ApiOptions", "BearerAuth", "api_service", "service_from_config"]
 
 DEFAULT_SOCKET = Path("/run/corral/corral.sock")
-_OPEN_PATHS = ("/healthz", "/readyz")
+_OPEN_PATHS = ("/healthz", "/readyz", "/", "/ui")
+_OPEN_PREFIXES = ("/ui/",)  # the web pages' code (corral.web): no data in it, the login page
+RouteFactory = Callable[[Manager], APIRouter]
+"""Routes another service adds to the API's app (the web pages: same origin, same auth)."""
 
 
 class _Server(uvicorn.Server):
@@ -55,6 +60,9 @@ class ApiOptions:
     tokens_file: Path | None = None
     tls_cert: Path | None = None
     tls_key: Path | None = None
+    routes: Sequence[RouteFactory] = ()
+    users_file: Path | None = None
+    metrics_on_loopback: bool = False
 
     def tcp_address(self) -> tuple[str, int] | None:
         if self.listen is None:
@@ -65,51 +73,15 @@ class ApiOptions:
         return host.strip("[]") or "127.0.0.1", int(port)
 
 
-class BearerAuth:
-    """ASGI middleware: refuse any request without a valid bearer token (401, problem+json)."""
+class BearerAuth(Authenticate):
+    """The TCP listener's :class:`~corral.api.auth.Authenticate`: bearer tokens and session
+    cookies; the probes, the login and the pages' code are open."""
 
-    def __init__(self, app: ASGIApp, tokens: TokenFile) -> None:
-        self.app = app
-        self.tokens = tokens
-
-    def _token(self, scope: Scope) -> str | None:
-        for key, value in scope.get("headers", []):
-            if key == b"authorization":
-                kind, _, token = bytes(value).decode(errors="replace").partition(" ")
-                if kind.lower() == "bearer" and token:
-                    return token.strip()
-        if scope["type"] == "websocket":
-            query = parse_qs(bytes(scope.get("query_string", b"")).decode(errors="replace"))
-            values = query.get("access_token")
-            if values:
-                return str(values[0])
-        return None
-
-    async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
-        if scope["type"] not in ("http", "websocket") or scope.get("path") in _OPEN_PATHS:
-            await self.app(scope, receive, send)
-            return
-        token = self._token(scope)
-        if token is not None and self.tokens.check(token) is not None:
-            await self.app(scope, receive, send)
-            return
-        if scope["type"] == "websocket":
-            await send({"type": "websocket.close", "code": 4401, "reason": "unauthorized"})
-            return
-        detail = "a bearer token is required" if token is None else "the token is not valid"
-        body = json.dumps(Unauthorized(detail).to_problem()).encode()
-        await send(
-            {
-                "type": "http.response.start",
-                "status": 401,
-                "headers": [
-                    (b"content-type", PROBLEM.encode()),
-                    (b"content-length", str(len(body)).encode()),
-                    (b"www-authenticate", b'Bearer realm="corral"'),
-                ],
-            }
-        )
-        await send({"type": "http.response.body", "body": body})
+    def __init__(
+        self, app: ASGIApp, access: Access | TokenFile, *, metrics_on_loopback: bool = False
+    ) -> None:
+        super().__init__(app, access, open_paths=_OPEN_PATHS, open_prefixes=_OPEN_PREFIXES,
+                         metrics_on_loopback=metrics_on_loopback)  # fmt: skip
 
 
 def _unix_listener(path: Path, group: str | None) -> socket.socket:
@@ -158,25 +130,30 @@ def api_service(options: ApiOptions) -> Callable[[Manager], AbstractAsyncContext
     """A daemon service (see :func:`corral.manager.daemon.serve`) serving the API."""
     tcp = options.tcp_address()
     tokens = TokenFile.load(options.tokens_file) if options.tokens_file else None
-    if tcp is not None and tokens is None:
-        raise SpecError.single("tokensFile", "a TCP listener needs a tokens file (--tokens)")
+    users = UsersFile.load(options.users_file) if options.users_file else None
+    if tcp is not None and tokens is None and users is None:
+        raise SpecError.single(
+            "tokensFile", "a TCP listener needs a tokens file (--tokens) or users (--users)"
+        )
+    access = Access(tokens=tokens, users=users)
     if (options.tls_cert is None) != (options.tls_key is None):
         raise SpecError.single("tls", "give both --tls-cert and --tls-key")
 
     @contextlib.asynccontextmanager
     async def run(manager: Manager) -> AsyncIterator[object]:
-        app = create_app(manager)
+        app = create_app(manager, access)
+        for routes in options.routes:
+            app.include_router(routes(manager))
         servers: list[tuple[_Server, list[socket.socket] | None]] = []
         if options.socket is not None:
             sock = _unix_listener(options.socket, options.socket_group)
             servers.append((_server(app), [sock]))
         if tcp is not None:
-            assert tokens is not None
             tls: dict[str, Any] = {}
             if options.tls_cert is not None:
                 tls = {"ssl_certfile": str(options.tls_cert), "ssl_keyfile": str(options.tls_key)}
-            servers.append((_server(BearerAuth(app, tokens), host=tcp[0], port=tcp[1], **tls),
-                            None))  # fmt: skip
+            guarded = BearerAuth(app, access, metrics_on_loopback=options.metrics_on_loopback)
+            servers.append((_server(guarded, host=tcp[0], port=tcp[1], **tls), None))
         tasks = [asyncio.ensure_future(s.serve(sockets=socks)) for s, socks in servers]
         try:
             for server, _ in servers:
@@ -209,8 +186,11 @@ def service_from_config(
 ) -> Callable[[Manager], AbstractAsyncContextManager[object]]:
     """The ``api`` entry of :data:`corral.services.SERVICES`: the API on ``options``'s
     ``socket`` (None: no socket), ``socketGroup``, ``listen``, ``tokensFile``, ``tlsCert``,
-    ``tlsKey``; an unknown option is a SpecError naming it."""
-    known = {"socket", "socketGroup", "listen", "tokensFile", "tlsCert", "tlsKey"}
+    ``tlsKey``, ``routes`` (route factories of other services: the web pages), ``usersFile``
+    (default: the config's ``users``), ``metricsOnLoopback``; an unknown option is a
+    SpecError naming it."""
+    known = {"socket", "socketGroup", "listen", "tokensFile", "tlsCert", "tlsKey", "routes",
+             "usersFile", "metricsOnLoopback"}  # fmt: skip
     for key in options:
         if key not in known:
             reason = f"is not an option; one of {', '.join(sorted(known))}"
@@ -224,5 +204,8 @@ def service_from_config(
             tokens_file=_path(options, "tokensFile"),
             tls_cert=_path(options, "tlsCert"),
             tls_key=_path(options, "tlsKey"),
+            routes=cast(Sequence[RouteFactory], options.get("routes") or ()),
+            users_file=_path(options, "usersFile") or config.users,
+            metrics_on_loopback=bool(options.get("metricsOnLoopback")),
         )
     )

@@ -8,7 +8,9 @@ from typing import Annotated, Any, Literal
 from fastapi import APIRouter, Body, Query, Request, Response
 from pydantic import BaseModel, ConfigDict, Field
 
+from corral.api.permissions import may_apply, visible
 from corral.api.problems import json_body, vm_document
+from corral.api.session import principal_of
 from corral.errors import FieldIssue, SpecError
 from corral.manager import Manager, VmRecord, WaitTarget
 from corral.manager.apply import apply_document, replacement
@@ -70,10 +72,14 @@ def vm_routes(manager: Manager) -> APIRouter:
 
     @router.get("/v1/vms", tags=["vms"])
     async def list_vms(
+        request: Request,
         state: Annotated[str | None, Query(max_length=32)] = None,
         label: Annotated[str | None, Query(max_length=317)] = None,
     ) -> VmList:
-        return VmList(items=[_vm(r) for r in manager.list_vms(state=state, label=label)])
+        """The VMs the caller may see (anything granted on them: spec.permissions)."""
+        who = principal_of(request)
+        records = manager.list_vms(state=state, label=label)
+        return VmList(items=[_vm(r) for r in records if visible(who, r)])
 
     @router.post("/v1/vms", status_code=201, tags=["vms"], response_model=VmView)
     async def create_vm(
@@ -134,12 +140,15 @@ def vm_routes(manager: Manager) -> APIRouter:
     @router.post("/v1/apply", tags=["vms"], response_model=Applied, responses={201: {}})
     async def apply_vm(
         document: Annotated[VmDoc, Body()],
+        request: Request,
         response: Response,
         adopt_disks: Annotated[str | None, Query(alias="adoptDisks", max_length=80)] = None,
     ) -> dict[str, Any]:
         """Create the VM ``metadata.name`` names (201), or replace its document (200; at
         ``metadata.resourceVersion`` when given), like ``kubectl apply``: ``{"action":
-        "created"|"configured", "vm": ...}``. ``adoptDisks`` only for a VM it creates."""
+        "created"|"configured", "vm": ...}``. ``adoptDisks`` only for a VM it creates.
+        Replacing needs ``"*"`` on the VM, creating one role admin."""
+        may_apply(principal_of(request), manager, vm_document(document))
         action, record = await apply_document(
             manager, vm_document(document), adopt_disks=adopt_disks
         )

@@ -70,6 +70,7 @@ COMMANDS: dict[str, tuple[str, str | None]] = {
              "powerdownTimeout, quit, kill."),
     "stop-vm": ("corral.cli.vm.aetherscale:stop_vm", None),
     "token": ("corral.cli.serve:token", "Bearer tokens for the TCP API."),
+    "user": ("corral.cli.serve:user", "Local users (bcrypt hashes) for the pages and the TCP API."),
     "validate": ("corral.cli.render:validate",
                  "Check a VM document (and, with --policy, the host policy) without rendering."),
     "wait": ("corral.cli.vm.lifecycle:wait_",

@@ -98,6 +98,19 @@ class _Registered(click.Choice[str]):
     type=click.Path(dir_okay=False),
     help="Hashed bearer tokens for TCP (corral token create).",
 )
+@click.option(
+    "--users",
+    "users_file",
+    default=None,
+    type=click.Path(dir_okay=False),
+    help="Local users for the pages and the TCP API (corral user add; default: the config's "
+    "users).",
+)
+@click.option(
+    "--metrics-on-loopback",
+    is_flag=True,
+    help="Let anyone connecting from 127.0.0.1/::1 read /metrics without a token.",
+)
 @click.option("--tls-cert", default=None, type=click.Path(dir_okay=False))
 @click.option("--tls-key", default=None, type=click.Path(dir_okay=False))
 @click.option(
@@ -139,6 +152,13 @@ class _Registered(click.Choice[str]):
     help="A daemon service to run (repeat for several; default: the config's services, "
     "else api). Names: corral.services.SERVICES.",
 )
+@click.option(
+    "--vv-validity",
+    type=click.IntRange(1, 3600),
+    default=None,
+    metavar="SECONDS",
+    help="web: how long the password in a SPICE .vv download stays valid (default 10).",
+)
 def serve(
     state_dir: str,
     config_file: str | None,
@@ -152,6 +172,8 @@ def serve(
     no_socket: bool,
     listen: str | None,
     tokens_file: str | None,
+    users_file: str | None,
+    metrics_on_loopback: bool,
     tls_cert: str | None,
     tls_key: str | None,
     open_policy: bool,
@@ -159,6 +181,7 @@ def serve(
     log_level: str,
     services: tuple[str, ...],
     amqp_url: str | None,
+    vv_validity: int | None,
 ) -> None:
     """Run the manager: keep every VM in its desired state; SIGTERM leaves VMs running.
 
@@ -199,7 +222,8 @@ def serve(
     api = {
         "socket": None if no_socket else Path(socket_path) if socket_path else default_socket(),
         "socketGroup": socket_group, "listen": listen, "tokensFile": tokens_file,
-        "tlsCert": tls_cert, "tlsKey": tls_key,
+        "tlsCert": tls_cert, "tlsKey": tls_key, "usersFile": users_file,
+        "metricsOnLoopback": metrics_on_loopback,
     }  # fmt: skip
     amqp = {"url": amqp_url} if amqp_url is not None else {}
     if amqp_url is not None and urllib.parse.urlsplit(amqp_url).password:
@@ -209,9 +233,10 @@ def serve(
             "(docs/amqp.md)",
             err=True,
         )
+    web = {"vvValidity": vv_validity} if vv_validity is not None else {}
 
     def built() -> list[Service]:  # all checked before any starts; imported while re-attaching
-        return build_services(names, cfg, {"api": api, "amqp": amqp})
+        return build_services(names, cfg, {"api": api, "amqp": amqp, "web": web})
 
     sys.exit(_run_logged(lambda: asyncio.run(run_daemon(cfg, prepare=built)),
                          log_format, log_level))  # fmt: skip
@@ -251,3 +276,39 @@ def token_create(name: str, tokens_file: str) -> None:
     from corral.api.auth import create_token
 
     click.echo(create_token(Path(tokens_file), name))
+
+
+@click.group()
+def user() -> None:
+    """Local users (bcrypt hashes) for the pages and the TCP API."""
+
+
+@user.command("add")
+@click.argument("name")
+@click.option("--role", "roles", multiple=True, metavar="ROLE",
+              help="A role (repeat for several; admin may do everything).")  # fmt: skip
+@click.option("--file", "users_file", required=True, type=click.Path(dir_okay=False),
+              help="The users file (hashes only; created 0600).")  # fmt: skip
+def user_add(name: str, roles: tuple[str, ...], users_file: str) -> None:
+    """Add user NAME, or set its password and roles. The password is read from the terminal
+    (asked twice), or as one line from stdin when it is not a terminal; never from argv."""
+    from corral.api.users import add_user
+
+    if sys.stdin.isatty():
+        password = click.prompt("Password", hide_input=True, confirmation_prompt=True)
+    else:
+        password = sys.stdin.readline().rstrip("\r\n")
+    add_user(Path(users_file), name, password, roles)
+    click.echo(f"user {name} saved in {users_file}", err=True)
+
+
+@user.command("remove")
+@click.argument("name")
+@click.option("--file", "users_file", required=True, type=click.Path(dir_okay=False),
+              help="The users file.")  # fmt: skip
+def user_remove(name: str, users_file: str) -> None:
+    """Remove user NAME (a running daemon ends their sessions at their next request)."""
+    from corral.api.users import remove_user
+
+    remove_user(Path(users_file), name)
+    click.echo(f"user {name} removed from {users_file}", err=True)

@@ -303,12 +303,16 @@ def chain_issues(
                 break
             inside = [root for root in forbidden if path_within(link.real, [root])]
             store = bool(read_only_ok) and path_within(link.real, list(read_only_ok))
-            if inside and not (store and (n > 0 or loc.endswith(".file.image"))):
+            # the store's images: as backing files, a disk's file.image (an overlay on top) or a
+            # CD's cdrom.image (qemu opens CD media read-only)
+            via_store = n > 0 or loc.endswith((".file.image", ".cdrom.image"))
+            if inside and not (store and via_store):
                 issues.append(
                     FieldIssue(
                         loc,
                         f"{what} lies in the manager's own files ({inside[0]}): base images are "
-                        "used through file.image (an overlay), other VMs' disks never",
+                        "used through file.image (an overlay) or cdrom.image, other VMs' disks "
+                        "never",
                     )
                 )
                 break

@@ -29,6 +29,13 @@ document naming a FIFO, /dev/zero or another VM's files as its display secret or
 would reach the daemon's own I/O)."""
 
 
+def _store_name(source: object) -> str | None:
+    """A disk's or CD's ``image`` when it names an image in the store (no ``/``: not a path,
+    not a URL), else None."""
+    image = getattr(source, "image", None)
+    return image if isinstance(image, str) and image and "/" not in image else None
+
+
 class Admission(EventHub):
     """What this host may run: host policy, image-store names, runner-owned fields, host
     ports, and capacity (the backend's offer times the overcommit factors)."""
@@ -41,15 +48,16 @@ class Admission(EventHub):
         return Path(image) if "/" in image else self.images.path(image)
 
     def _runtime_document(self, doc: VmDocument) -> VmDocument:
-        """The document the runner gets: image-store names resolved to paths."""
-        if not any(d.file is not None and d.file.image and "/" not in d.file.image
-                   for d in doc.vm.disks):  # fmt: skip
+        """The document the runner gets: image-store names (a disk's or a CD's ``image``)
+        resolved to paths."""
+        if not any(_store_name(d.file) or _store_name(d.cdrom) for d in doc.vm.disks):
             return doc
         data = doc.model_dump(mode="json", by_alias=True, exclude_none=True)
         for disk in data["spec"]["vm"]["disks"]:
-            image = disk.get("file", {}).get("image")
-            if image and "/" not in image:
-                disk["file"]["image"] = str(self.images.path(image))
+            for kind in ("file", "cdrom"):
+                image = disk.get(kind, {}).get("image")
+                if image and "/" not in image:
+                    disk[kind]["image"] = str(self.images.path(image))
         return parse_document(data)
 
     def _admit(self, doc: VmDocument) -> None:
@@ -61,14 +69,16 @@ class Admission(EventHub):
                     camel = field.split("_")[0] + "".join(p.title() for p in field.split("_")[1:])
                     issues.append(FieldIssue(f"runner.{camel}", "is set by the manager; remove it"))
         for i, disk in enumerate(doc.vm.disks):
-            image = disk.file.image if disk.file is not None else None
-            if image and "/" not in image:
+            for kind, source in (("file", disk.file), ("cdrom", disk.cdrom)):
+                image = _store_name(source)
+                if image is None:
+                    continue
                 try:
                     self.images.get(image)
                 except NotFound:
                     issues.append(
                         FieldIssue(
-                            f"spec.vm.disks[{i}].file.image",
+                            f"spec.vm.disks[{i}].{kind}.image",
                             f"no image {image!r} in the image store (corral image list)",
                         )
                     )

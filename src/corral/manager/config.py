@@ -60,6 +60,11 @@ class ManagerConfig(BaseModel):
     services: tuple[str, ...] = Field(
         default=("api",), description="daemon services to run, by name (corral.services)"
     )
+    users: Path | None = Field(
+        default=None,
+        description="local users for the pages and the TCP API (bcrypt hashes and roles, "
+        "mode 0600; corral user add; docs/security.md)",
+    )
     amqp: dict[str, Any] | None = Field(
         default=None,
         description="the amqp service's settings (url or urlFile, exchange, queues: "

@@ -77,6 +77,7 @@ class EventHub:
     _failed: dict[str, CorralError]
     _subscribers: set[tuple[str | None, asyncio.Queue[StoredEvent]]]
     _status_waiters: dict[str, set[asyncio.Future[None]]]  # woken per write
+    reconcile_observers: list[Callable[[float], None]]  # seconds of each reconcile pass
     # events and statuses the daemon records on its own: written off the loop, kept and
     # retried while the store cannot be written
     _writeback: WriteBack

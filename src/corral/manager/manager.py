@@ -107,6 +107,7 @@ class Manager(Reconciler, GuestAccess, ImagesFacade):
         self._failed = {}
         self._subscribers = set()
         self._status_waiters = {}  # woken per write
+        self.reconcile_observers = []  # /metrics: the reconcile latency histogram
         # events and statuses the daemon records on its own: written off the loop, kept and
         # retried while the store cannot be written
         self._writeback = WriteBack(self.store, self._publish, self._statuses_written)

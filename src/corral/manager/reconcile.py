@@ -103,12 +103,15 @@ class Reconciler(DesiredState):
             while name in self._dirty and self.reconciling:
                 self._dirty.discard(name)
                 async with self._pool, self._lock(name):
+                    began = time.monotonic()
                     try:
                         await self._reconcile(name)
                     except CorralError as exc:
                         self._last_error[name] = str(exc)
                         self._record_event(name, "ReconcileFailed", {"error": str(exc)})
                         self._write_status(name)
+                    for observe in self.reconcile_observers:
+                        observe(time.monotonic() - began)
         finally:
             self._workers.pop(name, None)
 

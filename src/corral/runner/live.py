@@ -8,7 +8,7 @@ from __future__ import annotations
 import contextlib
 import os
 import secrets
-from typing import cast
+from typing import Any, cast
 
 from corral.errors import CorralError, QemuError
 from corral.host.chain import ChainError, open_file
@@ -37,6 +37,17 @@ class LiveSettings(SupervisorCore):
             balloon = await monitor.query_dict("query-balloon")
             self.status.ram = cast(int, balloon.get("actual"))
         self._publish()
+
+    async def block_stats(self) -> list[dict[str, Any]]:
+        """qemu's ``query-blockstats`` (per drive: ``device``/``qdev`` and ``stats`` with
+        ``rd_bytes``, ``wr_bytes``, ``rd_operations``, ...); empty unless running."""
+        monitor = self._monitor
+        if monitor is None or self.state is not VmState.RUNNING:
+            return []
+        try:
+            return [dict(d) for d in await monitor.query_list("query-blockstats")]
+        except QemuError:
+            return []
 
     async def live_media(self) -> dict[str, str | None]:
         """{cd device id: image file or None} as qemu reports it."""

@@ -64,6 +64,7 @@ class Capability(StrEnum):
     RESET = "reset"  # a hard reset of the running VM
     LIVE_APPLY = "live_apply"  # a changed document reaches the running VM
     DISPLAY = "display"  # a display password set on the running VM
+    BLOCK_STATS = "block_stats"  # per-drive I/O counters of the running VM (query-blockstats)
 
 
 @dataclass(frozen=True)
@@ -134,6 +135,10 @@ class Backend(Protocol):
 
     async def set_display_password(self, name: str, password: str, expiry: str) -> None:
         """Write the VM's manager-owned display secret and have the running VM apply it."""
+
+    async def block_stats(self, name: str) -> list[dict[str, Any]]:
+        """qemu's ``query-blockstats`` of the running VM (empty when it is not running). Only
+        with :attr:`Capability.BLOCK_STATS`."""
 
     async def exec(
         self, name: str, argv: list[str], *, stdin: bytes | None = None, timeout: float = 60.0

@@ -171,6 +171,10 @@ class EmbeddedBackend:
     ) -> ExecResult:
         return await self._get(name).exec(argv, stdin=stdin, timeout=timeout)
 
+    async def block_stats(self, name: str) -> list[dict[str, Any]]:
+        sup = self._sups.get(name)
+        return await sup.block_stats() if sup is not None else []
+
     async def forget(self, name: str, *, delete_disks: bool) -> RetainedSet | None:
         sup = self._sups.pop(name, None)
         if sup is not None and sup.state not in (VmState.STOPPED, VmState.CRASHED):

@@ -362,6 +362,9 @@ class SystemdBackend(Systemctl):
     def capacity(self) -> Capacity:
         return Capacity.this_host()
 
+    async def block_stats(self, name: str) -> list[dict[str, Any]]:
+        raise Unsupported(f"VM {name!r}: its runner holds the only QMP connection")
+
     async def reset(self, name: str) -> None:
         raise Unsupported(
             f"VM {name!r}: reset is not supported by the systemd backend yet (its runner has "

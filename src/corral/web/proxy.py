@@ -1,0 +1,90 @@
+"""The browser's way to a VM's graphical display: a websocket ↔ TCP proxy to qemu's VNC or
+SPICE server (noVNC and spice-html5 speak their protocol over a binary websocket), and a SPICE
+``.vv`` file for remote-viewer.
+
+qemu's displays listen on the host (``spec.vm.display``, 127.0.0.1 by default): the proxy lets
+a browser reach them through the daemon's one TCP listener, behind the API's authentication, so
+the display ports never need to be exposed. qemu still asks for the display password (the page
+gets a fresh one that expires in seconds from ``POST /v1/vms/{name}/display``).
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+from collections.abc import AsyncIterator
+
+from starlette.websockets import WebSocket
+
+from corral.api.console import proxy_console
+from corral.errors import Conflict, HostError
+from corral.manager import Manager
+
+__all__ = ["display_address", "display_stream", "proxy_display", "vv_file"]
+
+_CONNECT_TIMEOUT = 5.0
+
+
+def display_address(manager: Manager, name: str, protocol: str) -> tuple[str, int]:
+    """Where the running VM ``name``'s ``protocol`` (``vnc``, ``spice``) display listens;
+    Conflict if it has none or does not run."""
+    record = manager.get(name)
+    display = record.document.vm.display
+    cfg = None if display is None else display.vnc if protocol == "vnc" else display.spice
+    if cfg is None:
+        raise Conflict(
+            f"VM {name!r} has no {protocol.upper()} display (spec.vm.display.{protocol})"
+        )
+    if record.status.get("state") != "Running":
+        raise Conflict(f"VM {name!r} is not running")
+    host = cfg.address
+    return ("127.0.0.1" if host in ("0.0.0.0", "::") else host), cfg.port  # noqa: S104
+
+
+@contextlib.asynccontextmanager
+async def display_stream(
+    address: tuple[str, int],
+) -> AsyncIterator[tuple[asyncio.StreamReader, asyncio.StreamWriter]]:
+    """A TCP connection to a display server (VNC, SPICE), as the API's console proxy takes a
+    stream."""
+    try:
+        reader, writer = await asyncio.wait_for(asyncio.open_connection(*address), _CONNECT_TIMEOUT)
+    except (OSError, TimeoutError) as exc:
+        raise HostError(f"cannot reach the display server: {exc}") from exc
+    try:
+        yield reader, writer
+    finally:
+        writer.close()
+        with contextlib.suppress(OSError):
+            await writer.wait_closed()
+
+
+async def proxy_display(websocket: WebSocket, address: tuple[str, int]) -> None:
+    """Pipe the websocket's binary messages to the display server and back until either
+    ends (the serial console's proxy, on a TCP stream)."""
+    await proxy_console(websocket, display_stream(address))
+
+
+def _vv_value(value: object) -> str:
+    """A value for one line of the .vv (INI) file: no line breaks can get in."""
+    text = str(value)
+    if any(c in text for c in "\r\n\0"):
+        raise ValueError("a .vv value has a line break")
+    return text
+
+
+def vv_file(name: str, host: str, port: int, password: str, *, title: str | None = None) -> str:
+    """remote-viewer's connection file for a SPICE display (virt-viewer's ``[virt-viewer]``
+    section), with the fresh password and ``delete-this-file`` so it does not linger."""
+    lines = [
+        "[virt-viewer]",
+        "type=spice",
+        f"host={_vv_value(host)}",
+        f"port={int(port)}",
+        f"password={_vv_value(password)}",
+        f"title={_vv_value(title or name)}",
+        "delete-this-file=1",
+        "toggle-fullscreen=shift+f11",
+        "release-cursor=shift+f12",
+    ]
+    return "\n".join(lines) + "\n"
