@@ -14,14 +14,16 @@ PYTEST_ARGS ?=
 # installs the few it needs on top of these (debootstrap, busybox-static, ...) by itself.
 # rabbitmq-server: the message API's tests start their own broker node from it
 # (tests/e2e/broker.py); openssl makes the test certificates (broker TLS, API TLS).
-# npm vendors the web pages' front-end packages (scripts/vendor-web.sh); chromium is the real
-# browser the web pages' tests drive with Playwright (no browser download).
+# chromium is the real browser the web pages' tests drive with Playwright (no browser download).
+# npm vendors the web pages' front-end packages (scripts/vendor-web.sh): Debian's npm is installed
+# only where no npm exists, on its own (it conflicts with a nodejs that bundles npm, as
+# NodeSource's does, which would fail the whole install).
 APT_PACKAGES := qemu-system-x86 qemu-utils qemu-block-extra swtpm swtpm-tools ovmf \
 	mtools dosfstools genisoimage cpio zstd busybox-static debootstrap \
-	python3-venv systemd iproute2 util-linux rabbitmq-server openssl npm chromium
+	python3-venv systemd iproute2 util-linux rabbitmq-server openssl chromium
 APT_COMMANDS := qemu-system-x86_64 qemu-img swtpm swtpm_setup mcopy mkfs.vfat genisoimage \
 	cpio zstd busybox debootstrap systemd-analyze ip unshare rabbitmq-server epmd openssl \
-	npm chromium
+	chromium
 
 .PHONY: help run stop test lint bench deps deps-system deps-python guests web clean
 
@@ -46,6 +48,9 @@ deps-system:
 		export DEBIAN_FRONTEND=noninteractive; \
 		apt-get update -qq && apt-get install -y -qq --no-install-recommends $(APT_PACKAGES); \
 	fi
+	@command -v npm >/dev/null 2>&1 || { echo "[deps] missing: npm -> apt-get install npm"; \
+		export DEBIAN_FRONTEND=noninteractive; \
+		apt-get update -qq && apt-get install -y -qq --no-install-recommends npm; }
 	@# qemu drops root to this user after opening its files (host policy runAs; docs/security.md)
 	@id corral-qemu >/dev/null 2>&1 || [ "$$(id -u)" != 0 ] || \
 		PATH="$$PATH:/usr/sbin:/sbin" useradd --system --no-create-home --home-dir /nonexistent \
