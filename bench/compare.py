@@ -416,6 +416,7 @@ def restart_phase(guest: Any, root: Path, lv: Libvirt, count: int = 10) -> dict[
             for n in names:
                 c.action(n, "start", wait=120)
             pids = {n: c.get_vm(n).status.pid for n in names}
+        _quiet(list(pids.values()))  # booted and idle: a daemon restart meets long-running VMs
         d.settle()
         out["daemon_rss_mib"] = rss(d.pid) / 2**20
         d.kill9()
@@ -436,7 +437,7 @@ def restart_phase(guest: Any, root: Path, lv: Libvirt, count: int = 10) -> dict[
         out["api_running"] = d.wait(all_back, 60, "API: all Running", poll=0.01) - t0
     for n in names:
         _t(lv.virsh("create", str(lv.xml(n))))
-    time.sleep(1)
+    _quiet([p for p in (lv.pid(n) for n in names) if p is not None])  # same as corral's side
     out["libvirt_rss_mib"] = lv.rss() / 2**20
     lv.kill9_libvirtd()
     t0 = lv.start_libvirtd()
@@ -450,6 +451,19 @@ def restart_phase(guest: Any, root: Path, lv: Libvirt, count: int = 10) -> dict[
     for n in names:
         subprocess.run(lv.virsh("destroy", n), capture_output=True, check=False)
     return out
+
+
+def _quiet(pids: list[int], share: float = 0.05, timeout: float = 180) -> None:
+    """Wait until the guests ``pids`` are booted and idle: together they use less than
+    ``share`` of a core per guest over a second (a booting TCG guest takes a whole core, and
+    what a restart measures must not be which side waited longer for its guests)."""
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        before = sum(_proc_cpu(p) for p in pids)
+        time.sleep(1.0)
+        if sum(_proc_cpu(p) for p in pids) - before < share * len(pids):
+            return
+    print(f"  warning: guests still busy after {timeout:.0f} s; measuring anyway", flush=True)
 
 
 def _logged(d: Daemon, offset: int, event: str) -> bool:
