@@ -5,6 +5,7 @@ CSRF, origins, and a user who tries what they were not granted."""
 
 from __future__ import annotations
 
+import asyncio
 from collections.abc import AsyncIterator
 from pathlib import Path
 from typing import Any
@@ -177,6 +178,20 @@ async def test_wrong_password_and_unknown_user_look_the_same_then_429(
         problem(r, 429)  # even the right password, until the window passes
         assert int(r.headers["retry-after"]) >= 1
         await login(http, "carol", "carol-pw")  # another user is not locked out
+
+
+async def test_parallel_guesses_cannot_outrun_the_login_limit(
+    manager: Manager, access: Access
+) -> None:
+    """The limit counts a guess before its (slow) bcrypt check: guesses sent at once cannot
+    all pass it before the first has failed."""
+    async with client(manager, access) as http:
+        guess = {"username": "bob", "password": "nope"}
+        replies = await asyncio.gather(*(http.post("/v1/session", json=guess) for _ in range(12)))
+        codes = sorted(r.status_code for r in replies)
+        assert codes.count(401) == 5 and codes.count(429) == 7, codes
+        for _ in range(3):  # a good login is not counted against the client
+            await login(http, "carol", "carol-pw")
 
 
 async def test_a_user_sees_and_operates_only_what_is_granted(

@@ -140,7 +140,12 @@ class LoginLimiter:
             self._failures.setdefault(key, deque()).append(now)
 
     def succeeded(self, user: str, client: str) -> None:
+        """A login that passed: its user's failures from ``client`` are forgotten, and the
+        attempt counted for it before the check is taken back from the client's count."""
         self._failures.pop((user, client), None)
+        times = self._failures.get(("", client))
+        if times:
+            times.pop()
 
 
 @dataclass
@@ -229,9 +234,11 @@ def session_routes(access: Access) -> APIRouter:
                 429, "too many failed logins; try again later",
                 headers={"Retry-After": str(int(wait + 0.999))},
             )  # fmt: skip
+        # counted as a failure before the (slow) check, so that guesses sent in parallel
+        # cannot all pass the limit before the first of them has failed
+        access.limiter.failed(body.username, client)
         user = await asyncio.to_thread(users.verify, body.username, body.password)
         if user is None:
-            access.limiter.failed(body.username, client)
             raise Unauthorized("wrong username or password")
         access.limiter.succeeded(body.username, client)
         session = access.sessions.create(user)
