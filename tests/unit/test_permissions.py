@@ -314,6 +314,9 @@ async def test_a_changed_users_file_applies_without_a_restart(
         names = [v["metadata"]["name"] for v in (await bob.get("/v1/vms")).json()["items"]]
         assert names == ["mine"]
         assert (await bob.get("/v1/session")).json()["roles"] == []
+        add_user(path, "dave", "new-pw", ("ops",))  # a new password ends dave's sessions
+        assert "ended" in problem(await dave.get("/v1/vms"), 401)
+        await login(dave, "dave", "new-pw")
         remove_user(path, "bob")
         with pytest.raises(NotFound):
             remove_user(path, "bob")

@@ -180,7 +180,7 @@ class Authenticate:
                 raise Forbidden(f"{scope.get('method')} with a session cookie needs the "
                                 "session's X-CSRF-Token header")  # fmt: skip
         user = self.access.user(session.user.name)  # the users file may have changed
-        if user is None:
+        if user is None or self.access.password_hash(user.name) != session.password_hash:
             self.access.sessions.drop(session_id)
             raise Unauthorized("the session has ended; log in again")
         return Principal.of_user(user)

@@ -61,6 +61,7 @@ class Session:
     csrf: str
     created: float
     seen: float
+    password_hash: bytes = b""  # the user's at login: a changed password ends the session
 
 
 class SessionStore:
@@ -77,11 +78,13 @@ class SessionStore:
         self.clock = clock
         self._sessions: dict[str, Session] = {}
 
-    def create(self, user: User) -> Session:
+    def create(self, user: User, password_hash: bytes = b"") -> Session:
         now = self.clock()
         while len(self._sessions) >= _MAX_SESSIONS:
             self._sessions.pop(next(iter(self._sessions)))
-        session = Session(secrets.token_urlsafe(32), user, secrets.token_urlsafe(32), now, now)
+        session = Session(
+            secrets.token_urlsafe(32), user, secrets.token_urlsafe(32), now, now, password_hash
+        )
         self._sessions[session.id] = session
         return session
 
@@ -187,6 +190,12 @@ class Access:
         entry = users.entries.get(name) if users is not None else None
         return entry.user if entry is not None else None
 
+    def password_hash(self, name: str) -> bytes | None:
+        """``name``'s password hash as the users file says now."""
+        users = self.current_users()
+        entry = users.entries.get(name) if users is not None else None
+        return entry.password_hash if entry is not None else None
+
 
 def principal_of(conn: HTTPConnection) -> Principal:
     """The principal :class:`~corral.api.auth.Authenticate` put on the request; none there
@@ -241,7 +250,7 @@ def session_routes(access: Access) -> APIRouter:
         if user is None:
             raise Unauthorized("wrong username or password")
         access.limiter.succeeded(body.username, client)
-        session = access.sessions.create(user)
+        session = access.sessions.create(user, users.entries[user.name].password_hash)
         response = JSONResponse(_session_body(Principal.of_user(user), session.csrf))
         response.set_cookie(
             COOKIE, session.id, httponly=True, samesite="strict", path="/",

@@ -17,6 +17,7 @@ hash of the same cost is checked), so the time of a refusal says nothing about w
 
 from __future__ import annotations
 
+import contextlib
 import functools
 import os
 import re
@@ -189,13 +190,20 @@ def _write(path: Path, items: list[dict[str, object]]) -> None:
 
 
 def add_user(path: Path, name: str, password: str, roles: tuple[str, ...]) -> None:
-    """Add ``name`` to ``path`` (created 0600), or replace its password and roles."""
+    """Add ``name`` to ``path`` (created 0600), or replace its password and roles (a new
+    password ends the user's sessions in a running daemon)."""
     _check_name(name)
     checked = _check_roles(list(roles), "role")
-    entry: dict[str, object] = {
-        "name": name, "passwordHash": hash_password(password), "roles": list(checked),
-    }  # fmt: skip
-    _write(path, [i for i in _entries(path) if i.get("name") != name] + [entry])
+    items = _entries(path)
+    digest = hash_password(password)
+    for item in items:  # the same password again keeps its hash: the user's sessions stay
+        old = item.get("passwordHash")
+        if item.get("name") == name and isinstance(old, str):
+            with contextlib.suppress(ValueError):
+                if bcrypt.checkpw(password.encode(), old.encode()):
+                    digest = old
+    entry: dict[str, object] = {"name": name, "passwordHash": digest, "roles": list(checked)}
+    _write(path, [i for i in items if i.get("name") != name] + [entry])
 
 
 def remove_user(path: Path, name: str) -> None:
