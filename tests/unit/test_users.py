@@ -47,6 +47,19 @@ def test_add_user_stores_a_private_bcrypt_hash_and_replaces_it(tmp_path: Path) -
     assert len(users.entries) == 2
 
 
+def test_user_add_never_writes_through_a_planted_link(tmp_path: Path) -> None:
+    """``corral user add`` (often root) writes a temporary file next to the users file: a link
+    planted there (a shared directory) must not make it overwrite the file it points to."""
+    victim = tmp_path / "victim"
+    victim.write_text("precious\n")
+    path = tmp_path / "users.yaml"
+    (tmp_path / ".users.yaml.tmp").symlink_to(victim)
+    add_user(path, "alice", "correct horse", ("admin",))
+    assert victim.read_text() == "precious\n"
+    assert UsersFile.load(path).verify("alice", "correct horse") == User("alice", ("admin",))
+    assert not path.is_symlink() and stat.S_IMODE(path.stat().st_mode) == 0o600
+
+
 def test_passwords_bcrypt_would_cut_short_are_refused(tmp_path: Path) -> None:
     long = "x" * 72
     with pytest.raises(SpecError) as caught:

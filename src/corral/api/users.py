@@ -178,7 +178,9 @@ def _write(path: Path, items: list[dict[str, object]]) -> None:
     reading it never sees it half-written, and notices the change (a new inode)."""
     tmp = path.with_name(f".{path.name}.tmp")
     try:
-        fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o600)
+        with contextlib.suppress(FileNotFoundError):
+            os.unlink(tmp)  # a stale one, or a link planted to make us write another file
+        fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_EXCL | os.O_NOFOLLOW, 0o600)
         try:
             os.write(fd, yaml.safe_dump(items, sort_keys=False).encode())
             os.fsync(fd)
