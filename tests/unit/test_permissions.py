@@ -286,9 +286,13 @@ async def test_metrics_need_admin_or_the_metrics_role_or_loopback(
         assert families["corral_vms"].samples[0].value == 5
         await login(http, "prom", "prom-pw")
         assert (await http.get("/metrics")).status_code == 200
-    async with client(manager, access, metrics_on_loopback=True) as http:  # 127.0.0.1
-        assert (await http.get("/metrics")).status_code == 200
-        problem(await http.get("/v1/vms"), 401)  # only /metrics is open
+    async with client(manager, access, metrics_on_loopback=True) as http:  # from 127.0.0.1
+        for host in ("127.0.0.1:8080", "[::1]:8080", "localhost", "LOCALHOST:1"):
+            assert (await http.get("/metrics", headers={"Host": host})).status_code == 200
+        problem(await http.get("/v1/vms", headers={"Host": "127.0.0.1:8080"}), 401)
+        # a page of another site whose name now resolves to 127.0.0.1 (DNS rebinding)
+        for host in ("corral", "evil.example:8080", "127.0.0.1.evil.example"):
+            problem(await http.get("/metrics", headers={"Host": host}), 401)
 
 
 async def test_login_on_a_daemon_without_users_is_a_401(manager: Manager) -> None:

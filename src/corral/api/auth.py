@@ -104,6 +104,14 @@ def _header(scope: Scope, name: bytes) -> str | None:
     return None
 
 
+def _loopback_host(host: str | None) -> bool:
+    """Whether a Host header names this host by a loopback name: a browser's page from another
+    site that rebinds its own name to 127.0.0.1 sends that name (DNS rebinding)."""
+    text = (host or "").lower()
+    name = text[1:].partition("]")[0] if text.startswith("[") else text.partition(":")[0]
+    return name in _LOOPBACK or name == "localhost"
+
+
 def _cookie(scope: Scope, name: str) -> str | None:
     raw = _header(scope, b"cookie")
     if raw is None:
@@ -152,7 +160,8 @@ class Authenticate:
         token = self._token(scope)
         tokens = self.access.tokens
         if (self.metrics_on_loopback and scope.get("path") == "/metrics" and token is None
-                and (scope.get("client") or ("",))[0] in _LOOPBACK):  # fmt: skip
+                and (scope.get("client") or ("",))[0] in _LOOPBACK
+                and _loopback_host(_header(scope, b"host"))):  # fmt: skip
             return _LOOPBACK_SCRAPER
         if token is not None:
             name = tokens.check(token) if tokens is not None else None
