@@ -194,6 +194,30 @@ async def test_parallel_guesses_cannot_outrun_the_login_limit(
             await login(http, "carol", "carol-pw")
 
 
+async def test_cloud_init_secrets_only_for_whom_may_author_the_vm(
+    manager: Manager, access: Access
+) -> None:
+    """cloud-init data holds secrets (passwords, keys): a user who may only start or stop a VM
+    reads its document without them; one with ``"*"`` (its author) reads them."""
+    doc = vm("inited", [{"user": "carol", "may": ["start", "stop"]}, {"role": "ops", "may": ["*"]}])
+    doc["spec"]["cloudInit"] = {"userData": {"chpasswd": {"list": "root:s3cret-pw"}}}
+    await manager.create(doc)
+    async with client(manager, access) as http:
+        csrf = await login(http, "carol", "carol-pw")
+        replies = [
+            await http.get("/v1/vms/inited"),
+            await http.get("/v1/vms"),
+            await http.post("/v1/vms/inited/stop", headers={"X-CSRF-Token": csrf}),
+            await http.get("/v1/vms/inited/wait", params={"for": "state=Stopped"}),
+        ]
+        for r in replies:
+            assert r.status_code == 200, r.text
+            assert "s3cret-pw" not in r.text and "cloudInit" not in r.text
+    async with client(manager, access) as http:
+        await login(http, "bob", "bob-pw")  # role ops: "*"
+        assert "s3cret-pw" in (await http.get("/v1/vms/inited")).text
+
+
 async def test_a_user_sees_and_operates_only_what_is_granted(
     manager: Manager, access: Access
 ) -> None:
