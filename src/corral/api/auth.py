@@ -34,7 +34,7 @@ from starlette.types import ASGIApp, Receive, Scope, Send
 
 from corral.api.session import COOKIE, CSRF_HEADER, PRINCIPAL_KEY, Access, same_origin
 from corral.api.users import ANONYMOUS, Principal, read_private
-from corral.errors import CorralError, Forbidden, SpecError, Unauthorized
+from corral.errors import CorralError, Forbidden, HostError, SpecError, Unauthorized
 
 __all__ = ["OPEN_PATHS", "Authenticate", "TokenFile", "create_token"]
 
@@ -89,7 +89,10 @@ def create_token(path: Path, name: str) -> str:
     if path.exists():
         TokenFile.load(path)  # refuse to append to a broken or public file
     token = _PREFIX + secrets.token_urlsafe(32)
-    fd = os.open(path, os.O_WRONLY | os.O_APPEND | os.O_CREAT, 0o600)
+    try:  # a link there (a dangling one passes exists()) must not make us write elsewhere
+        fd = os.open(path, os.O_WRONLY | os.O_APPEND | os.O_CREAT | os.O_NOFOLLOW, 0o600)
+    except OSError as exc:
+        raise HostError(f"cannot write tokens file {path}: {exc}") from exc
     try:
         os.write(fd, f"{name} sha256:{_digest(token)}\n".encode())
     finally:
