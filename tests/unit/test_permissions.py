@@ -218,6 +218,28 @@ async def test_cloud_init_secrets_only_for_whom_may_author_the_vm(
         assert "s3cret-pw" in (await http.get("/v1/vms/inited")).text
 
 
+async def test_a_reused_name_shows_no_events_of_the_vm_deleted_before(
+    manager: Manager, access: Access
+) -> None:
+    """A VM deleted and created again under its name is a new VM: a user granted the new one
+    sees its events, not those of the one before (someone else's)."""
+    await manager.create(vm("reused"))
+    manager.store.add_event("reused", "Note", {"said": "the-old-owners-data"})
+    await manager.delete("reused")
+    await asyncio.sleep(0.01)  # timestamps are in milliseconds
+    await manager.create(vm("reused", [{"user": "carol", "may": ["start"]}]))
+    manager.store.add_event("reused", "Note", {"said": "the-new-vms-data"})
+    async with client(manager, access) as http:
+        await login(http, "carol", "carol-pw")
+        for path in ("/v1/events", "/v1/vms/reused/events"):
+            text = (await http.get(path)).text
+            assert "the-new-vms-data" in text and "the-old-owners-data" not in text, path
+    token = access.test_token  # type: ignore[attr-defined]
+    async with client(manager, access) as http:  # an admin sees the whole history
+        r = await http.get("/v1/vms/reused/events", headers={"Authorization": f"Bearer {token}"})
+        assert "the-old-owners-data" in r.text and "the-new-vms-data" in r.text
+
+
 async def test_a_user_sees_and_operates_only_what_is_granted(
     manager: Manager, access: Access
 ) -> None:
