@@ -5,6 +5,7 @@ CSRF, origins, and a user who tries what they were not granted."""
 
 from __future__ import annotations
 
+import asyncio
 from collections.abc import AsyncIterator
 from pathlib import Path
 from typing import Any
@@ -179,6 +180,66 @@ async def test_wrong_password_and_unknown_user_look_the_same_then_429(
         await login(http, "carol", "carol-pw")  # another user is not locked out
 
 
+async def test_parallel_guesses_cannot_outrun_the_login_limit(
+    manager: Manager, access: Access
+) -> None:
+    """The limit counts a guess before its (slow) bcrypt check: guesses sent at once cannot
+    all pass it before the first has failed."""
+    async with client(manager, access) as http:
+        guess = {"username": "bob", "password": "nope"}
+        replies = await asyncio.gather(*(http.post("/v1/session", json=guess) for _ in range(12)))
+        codes = sorted(r.status_code for r in replies)
+        assert codes.count(401) == 5 and codes.count(429) == 7, codes
+        for _ in range(3):  # a good login is not counted against the client
+            await login(http, "carol", "carol-pw")
+
+
+async def test_cloud_init_secrets_only_for_whom_may_author_the_vm(
+    manager: Manager, access: Access
+) -> None:
+    """cloud-init data holds secrets (passwords, keys): a user who may only start or stop a VM
+    reads its document without them; one with ``"*"`` (its author) reads them."""
+    doc = vm("inited", [{"user": "carol", "may": ["start", "stop"]}, {"role": "ops", "may": ["*"]}])
+    doc["spec"]["cloudInit"] = {"userData": {"chpasswd": {"list": "root:s3cret-pw"}}}
+    await manager.create(doc)
+    async with client(manager, access) as http:
+        csrf = await login(http, "carol", "carol-pw")
+        replies = [
+            await http.get("/v1/vms/inited"),
+            await http.get("/v1/vms"),
+            await http.post("/v1/vms/inited/stop", headers={"X-CSRF-Token": csrf}),
+            await http.get("/v1/vms/inited/wait", params={"for": "state=Stopped"}),
+        ]
+        for r in replies:
+            assert r.status_code == 200, r.text
+            assert "s3cret-pw" not in r.text and "cloudInit" not in r.text
+    async with client(manager, access) as http:
+        await login(http, "bob", "bob-pw")  # role ops: "*"
+        assert "s3cret-pw" in (await http.get("/v1/vms/inited")).text
+
+
+async def test_a_reused_name_shows_no_events_of_the_vm_deleted_before(
+    manager: Manager, access: Access
+) -> None:
+    """A VM deleted and created again under its name is a new VM: a user granted the new one
+    sees its events, not those of the one before (someone else's)."""
+    await manager.create(vm("reused"))
+    manager.store.add_event("reused", "Note", {"said": "the-old-owners-data"})
+    await manager.delete("reused")
+    await asyncio.sleep(0.01)  # timestamps are in milliseconds
+    await manager.create(vm("reused", [{"user": "carol", "may": ["start"]}]))
+    manager.store.add_event("reused", "Note", {"said": "the-new-vms-data"})
+    async with client(manager, access) as http:
+        await login(http, "carol", "carol-pw")
+        for path in ("/v1/events", "/v1/vms/reused/events"):
+            text = (await http.get(path)).text
+            assert "the-new-vms-data" in text and "the-old-owners-data" not in text, path
+    token = access.test_token  # type: ignore[attr-defined]
+    async with client(manager, access) as http:  # an admin sees the whole history
+        r = await http.get("/v1/vms/reused/events", headers={"Authorization": f"Bearer {token}"})
+        assert "the-old-owners-data" in r.text and "the-new-vms-data" in r.text
+
+
 async def test_a_user_sees_and_operates_only_what_is_granted(
     manager: Manager, access: Access
 ) -> None:
@@ -271,9 +332,13 @@ async def test_metrics_need_admin_or_the_metrics_role_or_loopback(
         assert families["corral_vms"].samples[0].value == 5
         await login(http, "prom", "prom-pw")
         assert (await http.get("/metrics")).status_code == 200
-    async with client(manager, access, metrics_on_loopback=True) as http:  # 127.0.0.1
-        assert (await http.get("/metrics")).status_code == 200
-        problem(await http.get("/v1/vms"), 401)  # only /metrics is open
+    async with client(manager, access, metrics_on_loopback=True) as http:  # from 127.0.0.1
+        for host in ("127.0.0.1:8080", "[::1]:8080", "localhost", "LOCALHOST:1"):
+            assert (await http.get("/metrics", headers={"Host": host})).status_code == 200
+        problem(await http.get("/v1/vms", headers={"Host": "127.0.0.1:8080"}), 401)
+        # a page of another site whose name now resolves to 127.0.0.1 (DNS rebinding)
+        for host in ("corral", "evil.example:8080", "127.0.0.1.evil.example"):
+            problem(await http.get("/metrics", headers={"Host": host}), 401)
 
 
 async def test_login_on_a_daemon_without_users_is_a_401(manager: Manager) -> None:
@@ -299,6 +364,9 @@ async def test_a_changed_users_file_applies_without_a_restart(
         names = [v["metadata"]["name"] for v in (await bob.get("/v1/vms")).json()["items"]]
         assert names == ["mine"]
         assert (await bob.get("/v1/session")).json()["roles"] == []
+        add_user(path, "dave", "new-pw", ("ops",))  # a new password ends dave's sessions
+        assert "ended" in problem(await dave.get("/v1/vms"), 401)
+        await login(dave, "dave", "new-pw")
         remove_user(path, "bob")
         with pytest.raises(NotFound):
             remove_user(path, "bob")

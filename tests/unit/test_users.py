@@ -13,6 +13,7 @@ import pytest
 import yaml
 from click.testing import CliRunner
 
+from corral.api.auth import create_token
 from corral.api.session import LoginLimiter, SessionStore
 from corral.api.users import User, UsersFile, add_user, hash_password
 from corral.cli.main import cli
@@ -45,6 +46,29 @@ def test_add_user_stores_a_private_bcrypt_hash_and_replaces_it(tmp_path: Path) -
     assert users.verify("alice", "correct horse") is None
     assert users.verify("alice", "new password") == User("alice", ("viewers",))
     assert len(users.entries) == 2
+
+
+def test_user_add_never_writes_through_a_planted_link(tmp_path: Path) -> None:
+    """``corral user add`` (often root) writes a temporary file next to the users file: a link
+    planted there (a shared directory) must not make it overwrite the file it points to."""
+    victim = tmp_path / "victim"
+    victim.write_text("precious\n")
+    path = tmp_path / "users.yaml"
+    (tmp_path / ".users.yaml.tmp").symlink_to(victim)
+    add_user(path, "alice", "correct horse", ("admin",))
+    assert victim.read_text() == "precious\n"
+    assert UsersFile.load(path).verify("alice", "correct horse") == User("alice", ("admin",))
+    assert not path.is_symlink() and stat.S_IMODE(path.stat().st_mode) == 0o600
+
+
+def test_token_create_never_writes_through_a_link(tmp_path: Path) -> None:
+    """``corral token create`` (often root): a link at the tokens file's path, even one whose
+    target does not exist yet, must not make it create or append to another file."""
+    target = tmp_path / "elsewhere"
+    (tmp_path / "tokens").symlink_to(target)
+    with pytest.raises(HostError, match="tokens file"):
+        create_token(tmp_path / "tokens", "ci")
+    assert not target.exists()
 
 
 def test_passwords_bcrypt_would_cut_short_are_refused(tmp_path: Path) -> None:

@@ -3,14 +3,19 @@ SPICE ``.vv`` file, and the host sampler on this host's real /proc."""
 
 from __future__ import annotations
 
+import dataclasses
+import subprocess
+import sys
 from pathlib import Path
+from typing import Any
 
 import pytest
 
-from corral.errors import SpecError
-from corral.manager import ManagerConfig
+from corral.errors import Conflict, SpecError
+from corral.manager import Manager, ManagerConfig, VmRecord
 from corral.services import build_services
-from corral.web.proxy import vv_file
+from corral.spec import HostPolicy
+from corral.web.proxy import display_address, vv_file
 from corral.web.sampler import HostSampler
 from corral.web.service import WebService, service_from_config
 
@@ -79,3 +84,46 @@ def test_pages_have_no_inline_script_and_never_parse_html() -> None:
             for risky in ("innerHTML", "outerHTML", "insertAdjacentHTML", "document.write",
                           "eval(", "new Function"):  # fmt: skip
                 assert risky not in text, f"{path.name}: {risky}"
+
+
+class _Seen:
+    """The manager as the proxy reads it, its record with the status a running VM's runner
+    reports (the real manager's reconcile loop would overwrite a status set in its store)."""
+
+    def __init__(self, manager: Manager, pid: int | None) -> None:
+        self.record = dataclasses.replace(manager.get("v"), status={"state": "Running", "pid": pid})
+
+    def get(self, name: str) -> VmRecord:
+        assert name == self.record.name
+        return self.record
+
+
+async def test_display_proxy_goes_only_where_the_vms_qemu_listens(tmp_path: Path) -> None:
+    """A user who may change a running VM's document (``"*"``) must not turn the display
+    proxy to another VM's display or any host:port: a display change waits for a restart, so
+    the proxy goes only to the address the running qemu was started with (its argv; a stand-in
+    process with qemu's -spice/-vnc arguments, since no guest runs in a unit test)."""
+    spice = "port=5930,addr=127.0.0.1,streaming-video=filter,seamless-migration=on"
+    argv = [sys.executable, "-c", "import time; time.sleep(60)", "-spice", spice,
+            "-vnc", "127.0.0.1:1,password=on"]  # fmt: skip
+    display = {"spice": {"port": 5930}, "vnc": {"port": 5901}}
+    vm = {"maximumRam": "256Mi", "state": "Stopped", "display": display}
+    doc = {"metadata": {"name": "v"}, "spec": {"vm": vm}}
+    qemu = subprocess.Popen(argv)
+    try:
+        async with Manager(ManagerConfig(state_dir=tmp_path / "s"), policy=HostPolicy()) as m:
+            await m.create(doc)
+            seen: Any = _Seen(m, qemu.pid)
+            assert display_address(seen, "v", "spice") == ("127.0.0.1", 5930)
+            assert display_address(seen, "v", "vnc") == ("127.0.0.1", 5901)
+            await m.patch("v", {"spec": {"vm": {"display": {"spice": {"port": 22},
+                                                            "vnc": {"port": 5902}}}}})  # fmt: skip
+            seen = _Seen(m, qemu.pid)
+            for protocol in ("spice", "vnc"):
+                with pytest.raises(Conflict, match="waits for a restart"):
+                    display_address(seen, "v", protocol)
+            with pytest.raises(Conflict, match="not where its qemu listens"):
+                display_address(_Seen(m, None), "v", "spice")  # type: ignore[arg-type]
+    finally:
+        qemu.kill()
+        qemu.wait()

@@ -34,7 +34,7 @@ from starlette.types import ASGIApp, Receive, Scope, Send
 
 from corral.api.session import COOKIE, CSRF_HEADER, PRINCIPAL_KEY, Access, same_origin
 from corral.api.users import ANONYMOUS, Principal, read_private
-from corral.errors import CorralError, Forbidden, SpecError, Unauthorized
+from corral.errors import CorralError, Forbidden, HostError, SpecError, Unauthorized
 
 __all__ = ["OPEN_PATHS", "Authenticate", "TokenFile", "create_token"]
 
@@ -89,7 +89,10 @@ def create_token(path: Path, name: str) -> str:
     if path.exists():
         TokenFile.load(path)  # refuse to append to a broken or public file
     token = _PREFIX + secrets.token_urlsafe(32)
-    fd = os.open(path, os.O_WRONLY | os.O_APPEND | os.O_CREAT, 0o600)
+    try:  # a link there (a dangling one passes exists()) must not make us write elsewhere
+        fd = os.open(path, os.O_WRONLY | os.O_APPEND | os.O_CREAT | os.O_NOFOLLOW, 0o600)
+    except OSError as exc:
+        raise HostError(f"cannot write tokens file {path}: {exc}") from exc
     try:
         os.write(fd, f"{name} sha256:{_digest(token)}\n".encode())
     finally:
@@ -102,6 +105,14 @@ def _header(scope: Scope, name: bytes) -> str | None:
         if key == name:
             return bytes(value).decode("latin-1")
     return None
+
+
+def _loopback_host(host: str | None) -> bool:
+    """Whether a Host header names this host by a loopback name: a browser's page from another
+    site that rebinds its own name to 127.0.0.1 sends that name (DNS rebinding)."""
+    text = (host or "").lower()
+    name = text[1:].partition("]")[0] if text.startswith("[") else text.partition(":")[0]
+    return name in _LOOPBACK or name == "localhost"
 
 
 def _cookie(scope: Scope, name: str) -> str | None:
@@ -152,7 +163,8 @@ class Authenticate:
         token = self._token(scope)
         tokens = self.access.tokens
         if (self.metrics_on_loopback and scope.get("path") == "/metrics" and token is None
-                and (scope.get("client") or ("",))[0] in _LOOPBACK):  # fmt: skip
+                and (scope.get("client") or ("",))[0] in _LOOPBACK
+                and _loopback_host(_header(scope, b"host"))):  # fmt: skip
             return _LOOPBACK_SCRAPER
         if token is not None:
             name = tokens.check(token) if tokens is not None else None
@@ -180,7 +192,7 @@ class Authenticate:
                 raise Forbidden(f"{scope.get('method')} with a session cookie needs the "
                                 "session's X-CSRF-Token header")  # fmt: skip
         user = self.access.user(session.user.name)  # the users file may have changed
-        if user is None:
+        if user is None or self.access.password_hash(user.name) != session.password_hash:
             self.access.sessions.drop(session_id)
             raise Unauthorized("the session has ended; log in again")
         return Principal.of_user(user)

@@ -11,11 +11,11 @@ from typing import Annotated, Any
 from fastapi import APIRouter, Query, Request
 from fastapi.responses import StreamingResponse
 
-from corral.api.permissions import visible_name
+from corral.api.permissions import visible
 from corral.api.problems import ProblemError
 from corral.api.session import principal_of
 from corral.api.users import Principal
-from corral.manager import Manager, StoredEvent
+from corral.manager import Manager, StoredEvent, VmRecord
 
 __all__ = ["event_routes"]
 
@@ -50,14 +50,18 @@ def event_routes(manager: Manager) -> APIRouter:
     router = APIRouter(tags=["events"])
 
     def _stream(name: str | None, after: int, follow: bool, who: Principal) -> StreamingResponse:
-        seen: dict[str, bool] = {}
+        seen: dict[str, VmRecord | None] = {}
 
-        def shown(event: StoredEvent) -> bool:  # all VMs' events: those the caller may see
-            if name is not None or who.admin:
+        def shown(event: StoredEvent) -> bool:
+            """Admins see every event; anyone else those of the VMs they may see, since the VM
+            they see was created (a deleted VM of the same name was someone else's)."""
+            if who.admin:
                 return True
             if follow or event.vm not in seen:  # a live feed asks each time: grants change
-                seen[event.vm] = visible_name(who, manager, event.vm)
-            return seen[event.vm]
+                record = manager.store.find(event.vm)
+                seen[event.vm] = record if record is not None and visible(who, record) else None
+            record = seen[event.vm]
+            return record is not None and event.ts >= record.created
 
         async def body() -> AsyncIterator[bytes]:
             if not follow:

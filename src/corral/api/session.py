@@ -61,6 +61,7 @@ class Session:
     csrf: str
     created: float
     seen: float
+    password_hash: bytes = b""  # the user's at login: a changed password ends the session
 
 
 class SessionStore:
@@ -77,11 +78,13 @@ class SessionStore:
         self.clock = clock
         self._sessions: dict[str, Session] = {}
 
-    def create(self, user: User) -> Session:
+    def create(self, user: User, password_hash: bytes = b"") -> Session:
         now = self.clock()
         while len(self._sessions) >= _MAX_SESSIONS:
             self._sessions.pop(next(iter(self._sessions)))
-        session = Session(secrets.token_urlsafe(32), user, secrets.token_urlsafe(32), now, now)
+        session = Session(
+            secrets.token_urlsafe(32), user, secrets.token_urlsafe(32), now, now, password_hash
+        )
         self._sessions[session.id] = session
         return session
 
@@ -140,7 +143,12 @@ class LoginLimiter:
             self._failures.setdefault(key, deque()).append(now)
 
     def succeeded(self, user: str, client: str) -> None:
+        """A login that passed: its user's failures from ``client`` are forgotten, and the
+        attempt counted for it before the check is taken back from the client's count."""
         self._failures.pop((user, client), None)
+        times = self._failures.get(("", client))
+        if times:
+            times.pop()
 
 
 @dataclass
@@ -181,6 +189,12 @@ class Access:
         users = self.current_users()
         entry = users.entries.get(name) if users is not None else None
         return entry.user if entry is not None else None
+
+    def password_hash(self, name: str) -> bytes | None:
+        """``name``'s password hash as the users file says now."""
+        users = self.current_users()
+        entry = users.entries.get(name) if users is not None else None
+        return entry.password_hash if entry is not None else None
 
 
 def principal_of(conn: HTTPConnection) -> Principal:
@@ -229,12 +243,14 @@ def session_routes(access: Access) -> APIRouter:
                 429, "too many failed logins; try again later",
                 headers={"Retry-After": str(int(wait + 0.999))},
             )  # fmt: skip
+        # counted as a failure before the (slow) check, so that guesses sent in parallel
+        # cannot all pass the limit before the first of them has failed
+        access.limiter.failed(body.username, client)
         user = await asyncio.to_thread(users.verify, body.username, body.password)
         if user is None:
-            access.limiter.failed(body.username, client)
             raise Unauthorized("wrong username or password")
         access.limiter.succeeded(body.username, client)
-        session = access.sessions.create(user)
+        session = access.sessions.create(user, users.entries[user.name].password_hash)
         response = JSONResponse(_session_body(Principal.of_user(user), session.csrf))
         response.set_cookie(
             COOKIE, session.id, httponly=True, samesite="strict", path="/",

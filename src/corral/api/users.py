@@ -17,6 +17,7 @@ hash of the same cost is checked), so the time of a refusal says nothing about w
 
 from __future__ import annotations
 
+import contextlib
 import functools
 import os
 import re
@@ -177,7 +178,9 @@ def _write(path: Path, items: list[dict[str, object]]) -> None:
     reading it never sees it half-written, and notices the change (a new inode)."""
     tmp = path.with_name(f".{path.name}.tmp")
     try:
-        fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o600)
+        with contextlib.suppress(FileNotFoundError):
+            os.unlink(tmp)  # a stale one, or a link planted to make us write another file
+        fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_EXCL | os.O_NOFOLLOW, 0o600)
         try:
             os.write(fd, yaml.safe_dump(items, sort_keys=False).encode())
             os.fsync(fd)
@@ -189,13 +192,20 @@ def _write(path: Path, items: list[dict[str, object]]) -> None:
 
 
 def add_user(path: Path, name: str, password: str, roles: tuple[str, ...]) -> None:
-    """Add ``name`` to ``path`` (created 0600), or replace its password and roles."""
+    """Add ``name`` to ``path`` (created 0600), or replace its password and roles (a new
+    password ends the user's sessions in a running daemon)."""
     _check_name(name)
     checked = _check_roles(list(roles), "role")
-    entry: dict[str, object] = {
-        "name": name, "passwordHash": hash_password(password), "roles": list(checked),
-    }  # fmt: skip
-    _write(path, [i for i in _entries(path) if i.get("name") != name] + [entry])
+    items = _entries(path)
+    digest = hash_password(password)
+    for item in items:  # the same password again keeps its hash: the user's sessions stay
+        old = item.get("passwordHash")
+        if item.get("name") == name and isinstance(old, str):
+            with contextlib.suppress(ValueError):
+                if bcrypt.checkpw(password.encode(), old.encode()):
+                    digest = old
+    entry: dict[str, object] = {"name": name, "passwordHash": digest, "roles": list(checked)}
+    _write(path, [i for i in items if i.get("name") != name] + [entry])
 
 
 def remove_user(path: Path, name: str) -> None:

@@ -8,9 +8,10 @@ from typing import Annotated, Any, Literal
 from fastapi import APIRouter, Body, Query, Request, Response
 from pydantic import BaseModel, ConfigDict, Field
 
-from corral.api.permissions import may_apply, visible
+from corral.api.permissions import Action, may, may_apply, visible
 from corral.api.problems import json_body, vm_document
 from corral.api.session import principal_of
+from corral.api.users import Principal
 from corral.errors import FieldIssue, SpecError
 from corral.manager import Manager, VmRecord, WaitTarget
 from corral.manager.apply import apply_document, replacement
@@ -54,8 +55,13 @@ class MediaRequest(BaseModel):
     image: str | None = Field(default=None, max_length=4096)
 
 
-def _vm(record: VmRecord) -> VmDoc:
-    return record.to_json()
+def _vm(record: VmRecord, who: Principal | None = None) -> VmDoc:
+    """The VM as ``who`` may read it: its cloud-init data (passwords, keys) only for whom may
+    author the document (``"*"``), not for whom may only start it or see its console."""
+    doc = record.to_json()
+    if who is not None and not may(who, record, Action.ALL):
+        doc.get("spec", {}).pop("cloudInit", None)
+    return doc
 
 
 def _until(until: str | None, wait: float | None) -> WaitTarget | None:
@@ -79,7 +85,7 @@ def vm_routes(manager: Manager) -> APIRouter:
         """The VMs the caller may see (anything granted on them: spec.permissions)."""
         who = principal_of(request)
         records = manager.list_vms(state=state, label=label)
-        return VmList(items=[_vm(r) for r in records if visible(who, r)])
+        return VmList(items=[_vm(r, who) for r in records if visible(who, r)])
 
     @router.post("/v1/vms", status_code=201, tags=["vms"], response_model=VmView)
     async def create_vm(
@@ -90,8 +96,8 @@ def vm_routes(manager: Manager) -> APIRouter:
         return _vm(await manager.create(vm_document(document), adopt_disks=adopt_disks))
 
     @router.get("/v1/vms/{name}", tags=["vms"], response_model=VmView)
-    async def get_vm(name: str) -> VmDoc:
-        return _vm(manager.get(name))
+    async def get_vm(name: str, request: Request) -> VmDoc:
+        return _vm(manager.get(name), principal_of(request))
 
     @router.put("/v1/vms/{name}", tags=["vms"], response_model=VmView)
     async def replace_vm(name: str, document: Annotated[VmDoc, Body()]) -> VmDoc:
@@ -165,44 +171,52 @@ def vm_routes(manager: Manager) -> APIRouter:
         return {"name": name, "drive": drive, "image": body.image or None, "vm": _vm(record)}
 
     @router.post("/v1/vms/{name}/start", tags=["lifecycle"], response_model=VmView)
-    async def start_vm(name: str, wait: Wait = None, until: Until = None) -> VmDoc:
+    async def start_vm(
+        name: str, request: Request, wait: Wait = None, until: Until = None
+    ) -> VmDoc:
         """``?wait=SECONDS`` waits until Running, or until ``for`` holds
         (``for=condition=Booted``)."""
         target = _until(until, wait)
         await manager.start(name, wait=None if target else wait)
         if target is not None and wait is not None:
-            return _vm(await manager.wait(name, target, wait))
-        return _vm(manager.get(name))
+            return _vm(await manager.wait(name, target, wait), principal_of(request))
+        return _vm(manager.get(name), principal_of(request))
 
     @router.get("/v1/vms/{name}/wait", tags=["lifecycle"], response_model=VmView)
-    async def wait_vm(name: str, until: Until, timeout: WaitTimeout = 30) -> VmDoc:
+    async def wait_vm(
+        name: str, request: Request, until: Until, timeout: WaitTimeout = 30
+    ) -> VmDoc:
         """The VM once ``for`` holds (``kubectl wait``): event-driven, answered as soon as the
         status that meets it is written; 504 saying where the VM is after ``timeout``."""
         if until is None:
             raise SpecError("invalid wait", [FieldIssue("for", "is required")])
-        return _vm(await manager.wait(name, WaitTarget.parse(until), timeout))
+        return _vm(
+            await manager.wait(name, WaitTarget.parse(until), timeout), principal_of(request)
+        )
 
     @router.post("/v1/vms/{name}/stop", tags=["lifecycle"], response_model=VmView)
-    async def stop_vm(name: str, wait: Wait = None) -> VmDoc:
+    async def stop_vm(name: str, request: Request, wait: Wait = None) -> VmDoc:
         await manager.stop(name, wait=wait)
-        return _vm(manager.get(name))
+        return _vm(manager.get(name), principal_of(request))
 
     @router.post("/v1/vms/{name}/restart", tags=["lifecycle"], response_model=VmView)
-    async def restart_vm(name: str, wait: Wait = None, until: Until = None) -> VmDoc:
+    async def restart_vm(
+        name: str, request: Request, wait: Wait = None, until: Until = None
+    ) -> VmDoc:
         target = _until(until, wait)
         await manager.restart(name, wait=None if target else wait)
         if target is not None and wait is not None:
-            return _vm(await manager.wait(name, target, wait))
-        return _vm(manager.get(name))
+            return _vm(await manager.wait(name, target, wait), principal_of(request))
+        return _vm(manager.get(name), principal_of(request))
 
     @router.post("/v1/vms/{name}/reset", tags=["lifecycle"], response_model=VmView)
-    async def reset_vm(name: str) -> VmDoc:
+    async def reset_vm(name: str, request: Request) -> VmDoc:
         await manager.reset(name)
-        return _vm(manager.get(name))
+        return _vm(manager.get(name), principal_of(request))
 
     @router.post("/v1/vms/{name}/kill", tags=["lifecycle"], response_model=VmView)
-    async def kill_vm(name: str) -> VmDoc:
+    async def kill_vm(name: str, request: Request) -> VmDoc:
         await manager.kill(name)
-        return _vm(manager.get(name))
+        return _vm(manager.get(name), principal_of(request))
 
     return router

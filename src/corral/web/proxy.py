@@ -12,7 +12,9 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import itertools
 from collections.abc import AsyncIterator
+from pathlib import Path
 
 from starlette.websockets import WebSocket
 
@@ -38,7 +40,36 @@ def display_address(manager: Manager, name: str, protocol: str) -> tuple[str, in
     if record.status.get("state") != "Running":
         raise Conflict(f"VM {name!r} is not running")
     host = cfg.address
+    if not _started_with(record.status.get("pid"), protocol, host, cfg.port):
+        raise Conflict(
+            f"VM {name!r}'s {protocol.upper()} display is not where its qemu listens (a changed "
+            "spec.vm.display waits for a restart)"
+        )
     return ("127.0.0.1" if host in ("0.0.0.0", "::") else host), cfg.port  # noqa: S104
+
+
+def _started_with(pid: object, protocol: str, host: str, port: int) -> bool:
+    """Whether the VM's running qemu (``pid``) was started listening on ``host:port``: the
+    document may have changed since (a display change waits for a restart, and a running VM's
+    ports are not checked again), and the proxy must reach the VM's own display, never another
+    VM's or any host:port a document names."""
+    if not isinstance(pid, int) or isinstance(pid, bool) or pid <= 0:
+        return False
+    try:
+        argv = Path(f"/proc/{pid}/cmdline").read_bytes().split(b"\0")
+    except OSError:
+        return False
+    flag = b"-vnc" if protocol == "vnc" else b"-spice"
+    listen = f"[{host}]:{port - 5900}" if ":" in host else f"{host}:{port - 5900}"
+    for arg, value in itertools.pairwise(argv):
+        if arg != flag:
+            continue
+        parts = value.decode(errors="replace").split(",")
+        if protocol == "vnc" and parts[0] == listen:
+            return True
+        if protocol != "vnc" and f"port={port}" in parts and f"addr={host}" in parts:
+            return True
+    return False
 
 
 @contextlib.asynccontextmanager
