@@ -51,7 +51,7 @@ def cli(
 
 
 def _register() -> None:
-    from corral.cli import disks, host, images, logs, render, run, serve, vms
+    from corral.cli import disks, host, images, logs, operator, render, run, serve, vms
 
     cli.add_command(render.render)
     cli.add_command(render.validate)
@@ -63,6 +63,7 @@ def _register() -> None:
     cli.add_command(images.image)
     cli.add_command(disks.disk)
     cli.add_command(logs.logs)
+    cli.add_command(operator.operator)
     vms.register(cli)
 
 
