@@ -5,6 +5,10 @@ and the display secret file and applies changes in place. SIGTERM/SIGINT stop th
 gracefully; SIGHUP re-reads the document at once. Exit code 0 after a clean stop, 1 if
 qemu crashed or could not start. Events are JSON lines on stderr (or ``--events FILE``).
 The program itself is :mod:`corral.runner.program`; this module only parses flags.
+
+``corral run --kube --namespace NS --name VM`` is the runner of a Kubernetes pod: the document
+is the VirtualMachine object, the status goes to its status subresource
+(:mod:`corral.k8s.runner`).
 """
 
 from __future__ import annotations
@@ -17,7 +21,11 @@ import click
 
 
 @click.command()
-@click.option("-c", "--config", "config", required=True, type=click.Path(dir_okay=False))
+@click.option("-c", "--config", "config", default=None, type=click.Path(dir_okay=False))
+@click.option("--kube", is_flag=True, help="Read the VM from its Kubernetes object (in a pod).")
+@click.option("--namespace", default=None, help="--kube: the VirtualMachine's namespace.")
+@click.option("--name", default=None, help="--kube: the VirtualMachine's name.")
+@click.option("--group", default="corral.dev", show_default=True, help="--kube: its API group.")
 @click.option("--data-dir", default=None, help="Persistent files (overrides runner.dataDir).")
 @click.option("--runtime-dir", default=None, help="Sockets, pidfile (overrides runner.runtimeDir).")
 @click.option("--status-file", default=None, help="Status JSON (overrides runner.statusFile).")
@@ -32,7 +40,11 @@ import click
 @click.option("--events", "events_file", default=None, help="Append JSON-line events here.")
 @click.option("--poll", default=0.5, show_default=True, help="Config watch interval (s).")
 def run(
-    config: str,
+    config: str | None,
+    kube: bool,
+    namespace: str | None,
+    name: str | None,
+    group: str,
     data_dir: str | None,
     runtime_dir: str | None,
     status_file: str | None,
@@ -44,6 +56,22 @@ def run(
     poll: float,
 ) -> None:
     """Run one VM in the foreground and keep it matching its document."""
+    if kube:
+        from corral.k8s.runner import run_kube_program
+
+        if not (namespace and name) or config:
+            raise click.UsageError("--kube needs --namespace and --name, and no --config")
+        sys.exit(
+            asyncio.run(
+                run_kube_program(
+                    namespace, name, group=group, data_dir=data_dir, runtime_dir=runtime_dir,
+                    display_secret_file=display_secret_file, policy_file=policy_file,
+                    accel=accel, poll=poll,
+                )
+            )
+        )  # fmt: skip
+    if config is None:
+        raise click.UsageError("Missing option '-c' / '--config'.")
     from corral.runner.program import run_file_program
 
     code = asyncio.run(
