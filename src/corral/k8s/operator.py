@@ -236,6 +236,27 @@ def build_registry(operator: Operator) -> kopf.OperatorRegistry:
     return registry
 
 
+async def _ensure_peering(name: str, namespaces: Sequence[str]) -> None:
+    """The peering object kopf needs before it starts (kubectl cannot apply it together with
+    its CRD in one ``apply -k``: the kind is unknown until the CRD is established)."""
+    api = KubeApi.from_environment()
+    body: dict[str, Any] = {"apiVersion": "kopf.dev/v1", "metadata": {"name": name}}
+    try:
+        if namespaces:
+            for namespace in namespaces:
+                path = f"/apis/kopf.dev/v1/namespaces/{namespace}/kopfpeerings"
+                meta = {"name": name, "namespace": namespace}
+                with contextlib.suppress(Conflict):
+                    await api.create(path, {**body, "kind": "KopfPeering", "metadata": meta})
+        else:
+            with contextlib.suppress(Conflict):
+                await api.create(
+                    "/apis/kopf.dev/v1/clusterkopfpeerings", {**body, "kind": "ClusterKopfPeering"}
+                )
+    finally:
+        await api.aclose()
+
+
 def run_operator(
     settings: OperatorSettings,
     *,
@@ -243,11 +264,11 @@ def run_operator(
     peering: str = "corral",
     liveness: str | None = None,
 ) -> None:
-    """Run until SIGTERM. Peering ``peering`` (a ClusterKopfPeering or, with namespaces, a
-    KopfPeering of that name must exist: deploy/ has it)."""
+    """Run until SIGTERM, as one of the peers named ``peering`` (created when missing)."""
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(message)s")
     operator = Operator(settings, names_for(settings.group), KubeApi.from_environment())
     registry = build_registry(operator)
+    asyncio.run(_ensure_peering(peering, namespaces))
     try:
         kopf.run(
             registry=registry,
@@ -258,4 +279,5 @@ def run_operator(
             liveness_endpoint=liveness,
         )
     finally:
-        asyncio.run(operator.api.aclose())
+        with contextlib.suppress(RuntimeError):  # its pool belonged to kopf's loop
+            asyncio.run(operator.api.aclose())

@@ -157,6 +157,8 @@ def status_patch(
         "configError": status.config_error,
         "pendingRestart": list(status.pending_restart),
         "stoppedBy": status.stopped_by,
+        "startedAt": status.started_at,
+        "bootedAt": status.booted_at,
         "updatedAt": status.updated_at,
     }
 
