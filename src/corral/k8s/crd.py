@@ -132,6 +132,12 @@ def structural_schema(schema: dict[str, Any]) -> dict[str, Any]:
             and ("additionalProperties" not in out)
         ):
             out[_FREE] = True
+        if out.get("type") == "string":
+            # Kubernetes 1.20's validator (go-openapi) takes "" for null and refuses it in a
+            # field that is not nullable ("must be of type string: null"), so VM-Operator's
+            # `cdrom: {image: ""}` (an empty drive) would never apply; an explicit null is
+            # then refused by the document's own model (the operator reports it)
+            out["nullable"] = True
         return out
 
     return convert(schema)
