@@ -20,6 +20,7 @@ import os
 import ssl
 import tempfile
 from collections.abc import AsyncIterator
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
@@ -28,10 +29,80 @@ import yaml
 
 from corral.errors import Conflict, CorralError, NotFound
 
-__all__ = ["SERVICE_ACCOUNT_DIR", "KubeApi"]
+__all__ = ["SERVICE_ACCOUNT_DIR", "Credentials", "KubeApi", "load_credentials"]
 
 SERVICE_ACCOUNT_DIR = Path("/var/run/secrets/kubernetes.io/serviceaccount")
 _MERGE = "application/merge-patch+json"
+
+
+@dataclass(frozen=True)
+class Credentials:
+    """Where the API server is and who we are (also handed to kopf by the operator)."""
+
+    server: str
+    namespace: str = "default"
+    ca_path: str | None = None
+    ca_data: str | None = None
+    token: str | None = None
+    token_file: Path | None = None
+    cert_path: str | None = None
+    key_path: str | None = None
+    cert_data: str | None = None
+    key_data: str | None = None
+
+    def server_is_loopback(self) -> bool:
+        host = httpx.URL(self.server).host
+        return host in ("127.0.0.1", "localhost", "::1")
+
+    def current_token(self) -> str | None:
+        if self.token_file is not None:  # projected tokens rotate: read it every time
+            return self.token_file.read_text().strip()
+        return self.token
+
+
+def load_credentials() -> Credentials:
+    """The pod's service account when in a pod (at ``KUBERNETES_SERVICE_HOST``/``PORT``),
+    else the current context of ``$KUBECONFIG`` (or ~/.kube/config)."""
+    host = os.environ.get("KUBERNETES_SERVICE_HOST")
+    if host and (SERVICE_ACCOUNT_DIR / "token").exists():
+        port = os.environ.get("KUBERNETES_SERVICE_PORT", "443")
+        bracket = f"[{host}]" if ":" in host else host
+        return Credentials(
+            server=f"https://{bracket}:{port}",
+            namespace=(SERVICE_ACCOUNT_DIR / "namespace").read_text().strip(),
+            ca_path=str(SERVICE_ACCOUNT_DIR / "ca.crt"),
+            token_file=SERVICE_ACCOUNT_DIR / "token",
+        )
+    path = Path(os.environ.get("KUBECONFIG", str(Path.home() / ".kube/config")).split(":")[0])
+    try:
+        config = yaml.safe_load(path.read_text())
+        current = config.get("current-context")
+        ctx = next(c["context"] for c in config["contexts"] if c["name"] == current)
+        cluster = next(c["cluster"] for c in config["clusters"] if c["name"] == ctx["cluster"])
+        user = next(u["user"] for u in config["users"] if u["name"] == ctx["user"])
+    except (OSError, yaml.YAMLError, KeyError, StopIteration, TypeError) as exc:
+        raise CorralError(f"no Kubernetes credentials: cannot use {path}: {exc}") from exc
+    base = path.parent
+
+    def data(entry: dict[str, Any], key: str) -> str | None:
+        value = entry.get(f"{key}-data")
+        return base64.b64decode(value).decode() if value else None
+
+    def file(entry: dict[str, Any], key: str) -> str | None:
+        value = entry.get(key)
+        return str(base / value) if value else None
+
+    return Credentials(
+        server=cluster["server"],
+        namespace=ctx.get("namespace", "default"),
+        ca_path=file(cluster, "certificate-authority"),
+        ca_data=data(cluster, "certificate-authority"),
+        token=user.get("token"),
+        cert_path=file(user, "client-certificate"),
+        key_path=file(user, "client-key"),
+        cert_data=data(user, "client-certificate"),
+        key_data=data(user, "client-key"),
+    )
 
 
 class KubeApi:
@@ -55,56 +126,27 @@ class KubeApi:
     @classmethod
     def from_environment(cls) -> KubeApi:
         """In a pod: the service account; elsewhere: ``$KUBECONFIG`` (or ~/.kube/config)."""
-        host = os.environ.get("KUBERNETES_SERVICE_HOST")
-        if host and (SERVICE_ACCOUNT_DIR / "token").exists():
-            port = os.environ.get("KUBERNETES_SERVICE_PORT", "443")
-            ctx = ssl.create_default_context(cafile=str(SERVICE_ACCOUNT_DIR / "ca.crt"))
-            if host in ("127.0.0.1", "localhost", "::1"):
-                ctx.check_hostname = False  # the serving cert names the service IP, not loopback
-            namespace = (SERVICE_ACCOUNT_DIR / "namespace").read_text().strip()
-            bracket = f"[{host}]" if ":" in host else host
-            return cls(
-                f"https://{bracket}:{port}",
-                verify=ctx,
-                token_file=SERVICE_ACCOUNT_DIR / "token",
-                namespace=namespace,
-            )
-        config = os.environ.get("KUBECONFIG", str(Path.home() / ".kube/config"))
-        return cls.from_kubeconfig(Path(config.split(":")[0]))
+        return cls.from_credentials(load_credentials())
 
     @classmethod
-    def from_kubeconfig(cls, path: Path) -> KubeApi:
-        try:
-            config = yaml.safe_load(path.read_text())
-        except (OSError, yaml.YAMLError) as exc:
-            raise CorralError(f"no Kubernetes credentials: cannot read {path}: {exc}") from exc
-        current = config.get("current-context")
-        ctx = next(c["context"] for c in config["contexts"] if c["name"] == current)
-        cluster = next(c["cluster"] for c in config["clusters"] if c["name"] == ctx["cluster"])
-        user = next(u["user"] for u in config["users"] if u["name"] == ctx["user"])
-        base = path.parent
-        ssl_ctx = ssl.create_default_context()
-        if "certificate-authority-data" in cluster:
-            ssl_ctx.load_verify_locations(
-                cadata=base64.b64decode(cluster["certificate-authority-data"]).decode()
-            )
-        elif "certificate-authority" in cluster:
-            ssl_ctx.load_verify_locations(cafile=str(base / cluster["certificate-authority"]))
-        if "client-certificate-data" in user:
+    def from_credentials(cls, creds: Credentials) -> KubeApi:
+        ctx = ssl.create_default_context(cafile=creds.ca_path, cadata=creds.ca_data)
+        if creds.server_is_loopback():
+            ctx.check_hostname = False  # a serving cert may name the service IP only
+        if creds.cert_path and creds.key_path:
+            ctx.load_cert_chain(creds.cert_path, creds.key_path)
+        elif creds.cert_data and creds.key_data:
             with tempfile.TemporaryDirectory() as tmp:
                 cert, key = Path(tmp, "c.pem"), Path(tmp, "k.pem")
-                cert.write_bytes(base64.b64decode(user["client-certificate-data"]))
-                key.write_bytes(base64.b64decode(user["client-key-data"]))
-                ssl_ctx.load_cert_chain(str(cert), str(key))
-        elif "client-certificate" in user:
-            ssl_ctx.load_cert_chain(
-                str(base / user["client-certificate"]), str(base / user["client-key"])
-            )
+                cert.write_text(creds.cert_data)
+                key.write_text(creds.key_data)
+                ctx.load_cert_chain(str(cert), str(key))
         return cls(
-            cluster["server"],
-            verify=ssl_ctx,
-            token=user.get("token"),
-            namespace=ctx.get("namespace", "default"),
+            creds.server,
+            verify=ctx,
+            token=creds.token,
+            token_file=creds.token_file,
+            namespace=creds.namespace,
         )
 
     def _headers(self, content_type: str | None = None) -> dict[str, str]:

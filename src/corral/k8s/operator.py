@@ -29,7 +29,7 @@ from typing import Any
 import kopf
 
 from corral.errors import Conflict, CorralError, NotFound, SpecError
-from corral.k8s.api import KubeApi
+from corral.k8s.api import KubeApi, load_credentials
 from corral.k8s.crd import CrdNames, names_for
 from corral.k8s.resources import (
     OperatorSettings,
@@ -230,6 +230,23 @@ def build_registry(operator: Operator) -> kopf.OperatorRegistry:
         # finalizer on every VM for them)
         settings.watching.server_timeout = RESYNC_SECONDS
 
+    def login(**_: Any) -> kopf.ConnectionInfo:
+        """kopf's own logins need a client library; ours are the runner's credentials."""
+        creds = load_credentials()
+        return kopf.ConnectionInfo(
+            server=creds.server,
+            ca_path=creds.ca_path,
+            ca_data=creds.ca_data,
+            token=creds.current_token(),
+            scheme="Bearer" if creds.token or creds.token_file else None,
+            certificate_path=creds.cert_path,
+            certificate_data=creds.cert_data,
+            private_key_path=creds.key_path,
+            private_key_data=creds.key_data,
+            default_namespace=creds.namespace,
+        )
+
+    kopf.on.login(registry=registry)(login)
     kopf.on.startup(registry=registry)(on_startup)
     kopf.on.event(group, version, plural, registry=registry)(on_vm)
     kopf.on.event("", "v1", "pods", labels=runner_labels, registry=registry)(on_pod)
