@@ -15,6 +15,7 @@ from corral.k8s.resources import (
     claim_manifest,
     data_claim_manifest,
     display_secret_manifest,
+    document_of,
     pod_manifest,
     runner_document,
     wants_display_secret,
@@ -25,7 +26,13 @@ from tests.unit.test_k8s_crd import VMOPERATOR_EXAMPLES
 
 def _obj(example: str = "basic-vm", **vm: Any) -> dict[str, Any]:
     obj = copy.deepcopy(VMOPERATOR_EXAMPLES[example])
-    obj["metadata"] |= {"uid": "0b6e1f2a-1111-2222-3333-444455556666", "generation": 3}
+    obj["metadata"] |= {
+        "uid": "0b6e1f2a-1111-2222-3333-444455556666",
+        "generation": 3,
+        # what the API server adds: never part of a document
+        "managedFields": [{"manager": "kubectl", "operation": "Update"}],
+        "selfLink": "/apis/vmoperator.jdrupes.org/v1/namespaces/vmop-test/vms/test-vm",
+    }
     obj["spec"]["vm"] |= vm
     return obj
 
@@ -39,7 +46,7 @@ _LABELS = {
 
 def test_claims_are_named_like_vmoperator_and_never_owned() -> None:
     obj = _obj()
-    disks = claim_disks(parse_document(obj))
+    disks = claim_disks(parse_document(document_of(obj)))
     assert [(d.index, d.claim, d.block) for d in disks] == [
         (2, "system-disk-test-vm", False),
         (3, "disk3-disk-test-vm", False),
@@ -61,7 +68,7 @@ def test_a_bad_claim_name_is_refused_with_its_field() -> None:
     obj = _obj()
     obj["spec"]["vm"]["disks"][2]["volumeClaimTemplate"]["metadata"]["name"] = "Sys_Disk"
     with pytest.raises(SpecError) as info:
-        claim_disks(parse_document(obj))
+        claim_disks(parse_document(document_of(obj)))
     assert info.value.issues[0].loc == "spec.vm.disks[2].volumeClaimTemplate.metadata.name"
 
 
@@ -121,10 +128,10 @@ def test_generated_display_secret_expires_at_once_and_is_found_by_labels() -> No
     assert secret["metadata"]["labels"]["app.kubernetes.io/component"] == "display-secret"
     assert secret["metadata"]["labels"]["app.kubernetes.io/instance"] == "test-vm"
     assert secret["stringData"] == {"display-password": "s3cret", "password-expiry": "now"}
-    assert wants_display_secret(parse_document(obj))
+    assert wants_display_secret(parse_document(document_of(obj)))
     obj["spec"]["vm"]["display"]["spice"]["generateSecret"] = False
-    assert not wants_display_secret(parse_document(obj))
-    assert not wants_display_secret(parse_document(_obj(display=None)))
+    assert not wants_display_secret(parse_document(document_of(obj)))
+    assert not wants_display_secret(parse_document(document_of(_obj(display=None))))
 
 
 def test_runner_document_maps_claims_and_images_into_the_pod() -> None:

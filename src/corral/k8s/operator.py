@@ -37,6 +37,7 @@ from corral.k8s.resources import (
     claim_manifest,
     data_claim_manifest,
     display_secret_manifest,
+    document_of,
     pod_manifest,
     wants_display_secret,
 )
@@ -117,7 +118,7 @@ class Operator:
         if items:
             name: str = items[0]["metadata"]["name"]
             return name
-        doc = parse_document(_document(obj))
+        doc = parse_document(document_of(obj))
         if not wants_display_secret(doc):
             return None
         secret = display_secret_manifest(obj, secrets.token_urlsafe(16))
@@ -134,7 +135,7 @@ class Operator:
         if meta.get("deletionTimestamp"):
             return  # the garbage collector removes the pod; the claims stay
         try:
-            doc = parse_document(_document(obj))
+            doc = parse_document(document_of(obj))
             disks = claim_disks(doc)
         except SpecError as exc:
             await self._invalid(obj, exc)
@@ -187,10 +188,6 @@ class Operator:
         except NotFound:
             return
         await self.reconcile(obj)
-
-
-def _document(obj: dict[str, Any]) -> dict[str, Any]:
-    return {k: v for k, v in obj.items() if k != "status"}
 
 
 def build_registry(operator: Operator) -> kopf.OperatorRegistry:

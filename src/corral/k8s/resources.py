@@ -41,6 +41,7 @@ __all__ = [
     "claim_disks",
     "claim_manifest",
     "display_secret_manifest",
+    "document_of",
     "pod_manifest",
     "runner_document",
     "selector_labels",
@@ -266,7 +267,7 @@ def pod_manifest(
     display: str | None = None,
 ) -> dict[str, Any]:
     """The runner pod of a VirtualMachine object (validated as a VM document first)."""
-    doc = parse_document(obj)
+    doc = parse_document(document_of(obj))
     meta = obj["metadata"]
     vm, namespace = meta["name"], meta["namespace"]
     labels = selector_labels(vm)
@@ -376,13 +377,27 @@ def pod_manifest(
 
 # --- the document the runner in the pod runs -----------------------------------------------
 
+_KEPT_METADATA = (
+    "name", "namespace", "labels", "annotations", "uid", "resourceVersion", "generation",
+    "creationTimestamp",
+)  # fmt: skip
+
+
+def document_of(obj: dict[str, Any]) -> dict[str, Any]:
+    """The VM document inside an object as the API server returns it: no status, and only
+    the metadata a document has (not managedFields, selfLink, ownerReferences...)."""
+    meta = obj.get("metadata") or {}
+    body = {k: v for k, v in obj.items() if k != "status"}
+    body["metadata"] = {k: v for k, v in meta.items() if k in _KEPT_METADATA}
+    return body
+
 
 def runner_document(obj: dict[str, Any]) -> VmDocument:
     """The VM document of a VirtualMachine object as the runner in its pod runs it: each
     claim disk becomes the pod's block device (``/dev/<name>-disk``) or a qcow2 image file in
     the claim's filesystem, and a relative cdrom image is looked up in the shared image
     volume (VM-Operator's image repository)."""
-    doc = parse_document({k: v for k, v in obj.items() if k != "status"})
+    doc = parse_document(document_of(obj))
     claims = {c.index: c for c in claim_disks(doc)}
     disks: list[Disk] = []
     for i, disk in enumerate(doc.vm.disks):
