@@ -62,6 +62,9 @@ BRIDGE = "corralk0"
 POD_SUBNET = "10.244.231.0/24"
 SERVICE_RANGE = "10.0.231.0/24"
 
+#: The cluster of this process that holds the machine lock (at most one).
+_HOLDERS: list[Cluster] = []
+
 _PAUSE_C = r"""
 #include <signal.h>
 #include <unistd.h>
@@ -275,13 +278,14 @@ class Cluster:
             self.state_dir.mkdir(parents=True, exist_ok=True)
             (self.state_dir / "logs").mkdir(exist_ok=True)
             began = time.monotonic()
+            self._start_containerd()  # independent of the control plane: starts meanwhile
             self._make_pki()
             self._write_kubeconfigs()
             self._start_etcd()
             self._start_apiserver()
             self.timings["control plane up"] = time.monotonic() - began
             self._start_controllers()
-            self._start_containerd()
+            self._containerd_ready()
             self._start_kubelet()
             self.wait_for(f"node {self.node_name} Ready", self._node_ready, timeout=120)
             self.wait_for("the default service account's token", self._default_sa_ready, timeout=60)
@@ -290,8 +294,10 @@ class Cluster:
             self.stop()
             raise
 
-    def stop(self) -> None:
-        """Stop everything this cluster started and clean what it created (pitfalls 7, 8)."""
+    def stop(self, *, keep_lock: bool = False) -> None:
+        """Stop everything this cluster started and clean what it created (pitfalls 7, 8).
+        ``keep_lock`` keeps the machine lock (to inspect the machine before another cluster
+        starts); :meth:`release_lock` then lets it go."""
         began = time.monotonic()
         try:
             byname = {p.name: p for p in self._procs}
@@ -306,18 +312,24 @@ class Cluster:
             self._clean_outside_paths()
             self._unmount_below(self.state_dir)
         finally:
-            self._release_lock()
+            if not keep_lock:
+                self.release_lock()
             self.timings["teardown"] = time.monotonic() - began
 
     def remove_state(self) -> None:
         """Delete the state dir, but only if nothing is mounted below it any more (pitfall 8)."""
-        left = self._mounts_below(self.state_dir)
+        left = self.mounts_below(self.state_dir)
         if left:
             raise ClusterError(f"not removing {self.state_dir}: still mounted below it: {left}")
         shutil.rmtree(self.state_dir, ignore_errors=True)
 
     # ---- pieces --------------------------------------------------------------------------
     def _take_lock(self) -> None:
+        if _HOLDERS:
+            raise ClusterError(
+                f"this process already runs a test cluster ({_HOLDERS[0].state_dir}); "
+                "one cluster per machine: stop it first"
+            )
         fh = LOCK_PATH.open("a+")
         deadline = time.monotonic() + self.lock_timeout
         while True:
@@ -337,12 +349,14 @@ class Cluster:
         fh.write(f"pid {os.getpid()} state {self.state_dir}\n")
         fh.flush()
         self._lock = fh
+        _HOLDERS.append(self)
 
-    def _release_lock(self) -> None:
+    def release_lock(self) -> None:
         if self._lock is not None:
             fcntl.flock(self._lock, fcntl.LOCK_UN)
             self._lock.close()
             self._lock = None
+            _HOLDERS.remove(self)
 
     def _ssl(self) -> ssl.SSLContext:
         ctx = ssl.create_default_context(cafile=str(self.pki / "ca.crt"))
@@ -619,8 +633,11 @@ state = "{root / "state"}"
     conf_dir = "{cni / "net.d"}"
 """
         )
-        pause = self._pause_archive()
         self._spawn("containerd", ["containerd", "--config", str(config), "--log-level", "warn"])
+
+    def _containerd_ready(self) -> None:
+        """Wait for containerd's socket and import the sandbox (pause) image."""
+        pause = self._pause_archive()
         self.wait_for(
             "containerd socket",
             lambda: self.ctr("version", check=False, timeout=10).returncode == 0,
@@ -715,20 +732,25 @@ state = "{root / "state"}"
                 time.sleep(0.1)
             self.ctr("containers", "delete", cid, check=False, timeout=30)
 
-    def _kill_orphan_shims(self) -> None:
+    def shim_pids(self) -> list[int]:
+        """Pids of the containerd shims of this cluster's containerd (they outlive it)."""
         needle = str(self.containerd_socket).encode()
+        pids = []
         for entry in Path("/proc").iterdir():
-            if not entry.name.isdigit():
-                continue
             try:
-                cmdline = (entry / "cmdline").read_bytes()
+                cmdline = (entry / "cmdline").read_bytes() if entry.name.isdigit() else b""
             except OSError:
                 continue
             if b"containerd-shim" in cmdline and needle in cmdline:
-                with contextlib.suppress(ProcessLookupError):
-                    os.kill(int(entry.name), signal.SIGKILL)
+                pids.append(int(entry.name))
+        return pids
 
-    _OUTSIDE = (
+    def _kill_orphan_shims(self) -> None:
+        for pid in self.shim_pids():
+            with contextlib.suppress(ProcessLookupError):
+                os.kill(pid, signal.SIGKILL)
+
+    OUTSIDE_PATHS = (
         "/var/log/pods",
         "/var/log/containers",
         "/var/lib/cni/results",
@@ -736,13 +758,24 @@ state = "{root / "state"}"
         "/run/netns",
     )
 
-    def _note_outside_paths(self) -> None:
-        for path in self._OUTSIDE:
+    def outside_entries(self) -> dict[str, set[str]]:
+        """The entries of :data:`OUTSIDE_PATHS` now (compare with :attr:`outside_before`)."""
+        found = {}
+        for path in self.OUTSIDE_PATHS:
             try:
-                self._before[path] = set(os.listdir(path))
+                found[path] = set(os.listdir(path))
             except OSError:
-                self._before[path] = set()
-                self._created_dirs.append(Path(path))
+                found[path] = set()
+        return found
+
+    @property
+    def outside_before(self) -> dict[str, set[str]]:
+        """The entries of :data:`OUTSIDE_PATHS` when this cluster took the machine lock."""
+        return {path: self._before.get(path, set()) for path in self.OUTSIDE_PATHS}
+
+    def _note_outside_paths(self) -> None:
+        self._before = {**self.outside_entries()}
+        self._created_dirs = [Path(p) for p in self.OUTSIDE_PATHS if not Path(p).is_dir()]
         self._before["bridge"] = {BRIDGE} if Path(f"/sys/class/net/{BRIDGE}").exists() else set()
 
     def _clean_outside_paths(self) -> None:
@@ -758,7 +791,7 @@ state = "{root / "state"}"
                 self._unmount_below(target)
                 if target.is_mount():
                     subprocess.run(["umount", "-l", str(target)], capture_output=True, check=False)
-                if self._mounts_below(target) or target.is_mount():
+                if self.mounts_below(target) or target.is_mount():
                     continue  # never delete below a mount (pitfall 8)
                 if target.is_dir() and not target.is_symlink():
                     shutil.rmtree(target, ignore_errors=True)
@@ -771,7 +804,7 @@ state = "{root / "state"}"
             subprocess.run(["ip", "link", "delete", BRIDGE], capture_output=True, check=False)
 
     @staticmethod
-    def _mounts_below(path: Path) -> list[str]:
+    def mounts_below(path: Path) -> list[str]:
         prefix = str(path.resolve()) if path.exists() else str(path)
         found = []
         for line in Path("/proc/self/mountinfo").read_text().splitlines():
@@ -783,7 +816,7 @@ state = "{root / "state"}"
     def _unmount_below(self, path: Path) -> None:
         """Unmount everything at or below ``path``, deepest first (pitfall 8)."""
         for _ in range(5):
-            points = self._mounts_below(path)
+            points = self.mounts_below(path)
             if not points:
                 return
             for point in sorted(points, key=lambda p: p.count("/"), reverse=True):

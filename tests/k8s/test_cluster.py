@@ -10,7 +10,7 @@ from typing import Any
 
 import pytest
 from tests.integration.harness import build_guest
-from tests.k8s.cluster import Cluster, RunnerImage
+from tests.k8s.cluster import BRIDGE, PAUSE_IMAGE, Cluster, RunnerImage, new_state_dir
 
 pytestmark = [pytest.mark.slow, pytest.mark.timeout(1500)]
 
@@ -56,6 +56,56 @@ def _container(image: RunnerImage, argv: list[str], **extra: Any) -> dict[str, A
         "securityContext": {"privileged": True},
         **extra,
     }
+
+
+def test_teardown_kills_pods_unmounts_first_and_keeps_host_paths(tmp_path: Path) -> None:
+    """Runs before the session cluster (first test of the first file): a cluster of its own
+    with a running bridge-network pod that mounts a host dir; stop() leaves no shim, no mount,
+    no new entry in the machine-wide paths, no bridge, and the host dir's file intact."""
+    host_dir = tmp_path / "precious"
+    host_dir.mkdir()
+    (host_dir / "keep").write_text("still here")
+    cluster = Cluster(new_state_dir())
+    cluster.start()
+    try:
+        pod = {
+            "apiVersion": "v1",
+            "kind": "Pod",
+            "metadata": {"name": "teardown", "namespace": "default"},
+            "spec": {
+                "containers": [
+                    {
+                        "name": "main",
+                        "image": PAUSE_IMAGE,
+                        "imagePullPolicy": "Never",
+                        "volumeMounts": [{"name": "host", "mountPath": "/host"}],
+                    }
+                ],
+                "volumes": [{"name": "host", "hostPath": {"path": str(host_dir)}}],
+            },
+        }
+        started = time.monotonic()
+        cluster.kubectl("apply", "-f", "-", input=json.dumps(pod))
+        cluster.wait_for(
+            "pod teardown Running",
+            lambda: cluster.kubectl_json("get", "pod", "teardown")["status"]["phase"] == "Running",
+        )
+        print(f"pause pod apply -> running: {time.monotonic() - started:.1f} s")
+        assert cluster.shim_pids(), "a running pod has containerd shims"
+        assert cluster.mounts_below(cluster.state_dir), "a running pod has mounts in the state dir"
+    finally:
+        cluster.stop(keep_lock=True)  # no other cluster may write there while we look
+    try:
+        print(f"cluster: {cluster.timings}")
+        assert cluster.shim_pids() == []
+        assert cluster.mounts_below(cluster.state_dir) == []
+        assert cluster.outside_entries() == cluster.outside_before
+        assert not Path(f"/sys/class/net/{BRIDGE}").exists()
+    finally:
+        cluster.release_lock()
+    cluster.remove_state()
+    assert not cluster.state_dir.exists()
+    assert (host_dir / "keep").read_text() == "still here"
 
 
 def test_node_is_ready_and_kubectl_is_the_built_one(kube_cluster: Cluster) -> None:
