@@ -66,9 +66,9 @@ def bin_dir(cache_dir: Path | None = None) -> Path:
     return (cache_dir or cache_root()) / VERSION / "bin"
 
 
-def missing_binaries(cache_dir: Path | None = None) -> list[str]:
-    """The binaries not (yet) in :func:`bin_dir`; empty when the cache is complete."""
-    where = bin_dir(cache_dir)
+def missing_binaries(where: Path | None = None) -> list[str]:
+    """The binaries not (yet) in ``where`` (default :func:`bin_dir`); empty when complete."""
+    where = where or bin_dir()
     return [b for b in BINARIES if not os.access(where / b, os.X_OK)]
 
 
@@ -213,7 +213,7 @@ def build(cache_dir: Path | None = None, force: bool = False) -> Path:
     final = root / "bin"
     log = _Log(root / "build.log")
     with _locked(root / ".lock"):
-        if not force and not missing_binaries(cache_dir):
+        if not force and not missing_binaries(final):
             return final
         started = time.monotonic()
         log.note(f"building Kubernetes {VERSION} into {final}")

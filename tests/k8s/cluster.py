@@ -253,7 +253,7 @@ class Cluster:
     def start(self) -> None:
         """Start everything and return when the node is Ready and the default service
         account has its token. Raises :class:`ClusterError` naming the process that failed."""
-        missing = kube_build.missing_binaries(self.bin_dir.parent.parent)
+        missing = kube_build.missing_binaries(self.bin_dir)
         if missing:
             raise ClusterError(
                 f"Kubernetes binaries missing in {self.bin_dir}: {', '.join(missing)}. Run "

@@ -10,6 +10,7 @@ certificates) after the session for a post-mortem.
 from __future__ import annotations
 
 import os
+import time
 from collections.abc import Iterator
 from pathlib import Path
 
@@ -25,7 +26,10 @@ def kube_cluster() -> Iterator[Cluster]:
     try:
         cluster.start()
     except ClusterError as exc:
-        pytest.fail(f"the test Kubernetes cluster did not start: {exc}", pytrace=False)
+        pytest.fail(
+            f"the test Kubernetes cluster did not start (logs in {cluster.state_dir}/logs): {exc}",
+            pytrace=False,
+        )
     print(f"\ntest cluster: {_timings(cluster)}")
     try:
         yield cluster
@@ -41,8 +45,12 @@ def corral_image(kube_cluster: Cluster) -> RunnerImage:
     """The runner image (``localhost/corral:dev``), built from this checkout (cached) and
     imported into the cluster's containerd."""
     try:
+        began = time.monotonic()
         image = build_runner_image()
+        kube_cluster.timings["runner image build"] = time.monotonic() - began
+        began = time.monotonic()
         kube_cluster.import_image(image.tar)
+        kube_cluster.timings["runner image import"] = time.monotonic() - began
     except ClusterError as exc:
         pytest.fail(f"the corral runner image could not be built or imported: {exc}", pytrace=False)
     return image

@@ -10,7 +10,14 @@ from typing import Any
 
 import pytest
 from tests.integration.harness import build_guest
-from tests.k8s.cluster import BRIDGE, PAUSE_IMAGE, Cluster, RunnerImage, new_state_dir
+from tests.k8s.cluster import (
+    BRIDGE,
+    PAUSE_IMAGE,
+    Cluster,
+    ClusterError,
+    RunnerImage,
+    new_state_dir,
+)
 
 pytestmark = [pytest.mark.slow, pytest.mark.timeout(1500)]
 
@@ -56,6 +63,13 @@ def _container(image: RunnerImage, argv: list[str], **extra: Any) -> dict[str, A
         "securityContext": {"privileged": True},
         **extra,
     }
+
+
+def test_missing_binaries_fail_naming_make_kube(tmp_path: Path) -> None:
+    cluster = Cluster(tmp_path / "state", bin_dir=tmp_path / "1.20" / "bin")
+    with pytest.raises(ClusterError, match=r"missing .*kube-apiserver.*Run\s+`make kube`"):
+        cluster.start()
+    assert not (tmp_path / "state").exists()
 
 
 def test_teardown_kills_pods_unmounts_first_and_keeps_host_paths(tmp_path: Path) -> None:
