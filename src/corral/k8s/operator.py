@@ -1,8 +1,8 @@
 """``corral operator run``: VirtualMachine objects become runner pods (on kopf).
 
 One idempotent :func:`reconcile` per VM, run on every watch event of the VM and of its pod
-and on each resync, so a restarted operator picks up where it stopped and two events racing end in
-one pod: the pod, the claims and the generated secret have fixed names, and a creation that
+(retried with backoff while the cluster refuses something for now), so a restarted operator
+picks up where it stopped and two events racing end in one pod: the pod, the claims and the generated secret have fixed names, and a creation that
 finds its object already there (409) is success. State Running creates what is missing;
 Stopped deletes the pod (a graceful ACPI powerdown: its grace period is ``powerdownTimeout``
 plus a margin). A runner pod that disappears while the VM should run is recreated.
@@ -10,7 +10,7 @@ plus a margin). A runner pod that disappears while the VM should run is recreate
 Nothing here needs cleaning when a VM is deleted: the pod and a generated display secret are
 owned by the VM (the garbage collector deletes them), and the claims are never deleted with the
 VM. So the operator sets no finalizers, and kopf keeps no state on the objects (watch event
-handlers only; every watch reconnection, once a minute, re-lists and reconciles every VM).
+handlers only; a restarted operator's first list reconciles every VM).
 Replicas never both act: kopf peering, each replica with a random priority, so all but the
 highest freeze.
 """
@@ -182,12 +182,26 @@ class Operator:
         with contextlib.suppress(NotFound):  # deleted meanwhile
             await self.api.merge_patch(f"{path}/status", {"status": patch})
 
-    async def reconcile_named(self, namespace: str, name: str) -> None:
-        try:
-            obj = await self.api.get(object_path(self.names, namespace, name))
-        except NotFound:
-            return
-        await self.reconcile(obj)
+    async def reconcile_retrying(
+        self, namespace: str, name: str, obj: dict[str, Any] | None = None
+    ) -> None:
+        """:meth:`reconcile`, retried with backoff (1 s doubling to 30 s, about 3 min in
+        all) while the cluster refuses something for now (a runner service account whose
+        token is not made yet, an API server restarting); each retry reads the VM again."""
+        for delay in (1, 2, 4, 8, 16, 30, 30, 30, 30, 30, 0):
+            try:
+                if obj is None:
+                    obj = await self.api.get(object_path(self.names, namespace, name))
+                await self.reconcile(obj)
+                return
+            except NotFound:
+                return  # the VM is gone
+            except CorralError as exc:
+                log.warning("reconcile %s/%s: %s (again in %d s)", namespace, name, exc, delay)
+                if not delay:
+                    return
+                await asyncio.sleep(delay)
+                obj = None
 
 
 def build_registry(operator: Operator) -> kopf.OperatorRegistry:
@@ -204,10 +218,8 @@ def build_registry(operator: Operator) -> kopf.OperatorRegistry:
     async def on_vm(body: kopf.Body, type: str | None, **_: Any) -> None:
         if type == "DELETED":
             return
-        try:
-            await operator.reconcile(dict(body))
-        except CorralError as exc:
-            log.warning("reconcile %s: %s", body.get("metadata", {}).get("name"), exc)
+        meta = body.get("metadata", {})
+        await operator.reconcile_retrying(meta["namespace"], meta["name"], dict(body))
 
     async def on_pod(body: kopf.Body, type: str | None, **_: Any) -> None:
         if type != "DELETED":
@@ -215,16 +227,11 @@ def build_registry(operator: Operator) -> kopf.OperatorRegistry:
         meta = body.get("metadata", {})
         vm = (meta.get("labels") or {}).get("app.kubernetes.io/instance")
         if vm:
-            try:
-                await operator.reconcile_named(meta["namespace"], vm)
-            except CorralError as exc:
-                log.warning("reconcile %s after its pod went: %s", vm, exc)
+            await operator.reconcile_retrying(meta["namespace"], vm)
 
     async def on_startup(settings: kopf.OperatorSettings, **_: Any) -> None:
         settings.posting.enabled = False  # our own events carry the VM's transitions
-        # each reconnection re-lists every VM and reconciles it: the periodic resync that
-        # repairs what a lost event or a failed request left (no timers: kopf would put a
-        # finalizer on every VM for them)
+        # no timers for a periodic resync: kopf would put a finalizer on every VM for them
         settings.watching.server_timeout = RESYNC_SECONDS
 
     def login(**_: Any) -> kopf.ConnectionInfo:
