@@ -2,10 +2,11 @@
 
 One idempotent :func:`reconcile` per VM, run on every watch event of the VM and of its pod
 (retried with backoff while the cluster refuses something for now), so a restarted operator
-picks up where it stopped and two events racing end in one pod: the pod, the claims and the generated secret have fixed names, and a creation that
-finds its object already there (409) is success. State Running creates what is missing;
-Stopped deletes the pod (a graceful ACPI powerdown: its grace period is ``powerdownTimeout``
-plus a margin). A runner pod that disappears while the VM should run is recreated.
+picks up where it stopped and two events racing end in one pod: the pod, the claims and the
+generated secret have fixed names, and a creation that finds its object already there (409)
+is success. State Running creates what is missing; Stopped deletes the pod (a graceful ACPI
+powerdown: its grace period is ``powerdownTimeout`` plus a margin). A runner pod that
+disappears while the VM should run is recreated.
 
 Nothing here needs cleaning when a VM is deleted: the pod and a generated display secret are
 owned by the VM (the garbage collector deletes them), and the claims are never deleted with the
