@@ -59,6 +59,7 @@ kube_build: Any = load_script("corral_kube_build", ROOT / "kube" / "build.py")
 PAUSE_IMAGE = "localhost/corral-pause:1"
 LOCK_PATH = Path("/run/corral-kube-cluster.lock")
 BRIDGE = "corralk0"
+STATE_PREFIX = "corral-kube-"
 POD_SUBNET = "10.244.231.0/24"
 SERVICE_RANGE = "10.0.231.0/24"
 
@@ -274,6 +275,14 @@ class Cluster:
         self._take_lock()
         self.timings["lock wait"] = time.monotonic() - began
         try:
+            stale = stale_cluster_processes()
+            if stale:
+                listed = "; ".join(f"pid {pid}: {argv[:100]}" for pid, argv in stale.items())
+                raise ClusterError(
+                    "a test cluster of a session that died is still running (it would share the "
+                    f"node's cgroups, bridge and paths): {listed}. Kill those pids, unmount "
+                    "below its state dir, then remove it"
+                )
             self._note_outside_paths()
             self.state_dir.mkdir(parents=True, exist_ok=True)
             (self.state_dir / "logs").mkdir(exist_ok=True)
@@ -734,16 +743,8 @@ state = "{root / "state"}"
 
     def shim_pids(self) -> list[int]:
         """Pids of the containerd shims of this cluster's containerd (they outlive it)."""
-        needle = str(self.containerd_socket).encode()
-        pids = []
-        for entry in Path("/proc").iterdir():
-            try:
-                cmdline = (entry / "cmdline").read_bytes() if entry.name.isdigit() else b""
-            except OSError:
-                continue
-            if b"containerd-shim" in cmdline and needle in cmdline:
-                pids.append(int(entry.name))
-        return pids
+        mentioning = processes_mentioning(str(self.containerd_socket))
+        return [pid for pid, argv in mentioning.items() if "containerd-shim" in argv]
 
     def _kill_orphan_shims(self) -> None:
         for pid in self.shim_pids():
@@ -827,9 +828,33 @@ state = "{root / "state"}"
                     subprocess.run(["umount", "-l", point], capture_output=True, check=False)
 
 
+def processes_mentioning(needle: str) -> dict[int, str]:
+    """``{pid: command line}`` of every process whose command line contains ``needle``."""
+    found = {}
+    for entry in Path("/proc").iterdir():
+        try:
+            cmdline = (entry / "cmdline").read_bytes() if entry.name.isdigit() else b""
+        except OSError:
+            continue
+        if needle.encode() in cmdline:
+            found[int(entry.name)] = cmdline.replace(b"\0", b" ").decode(errors="replace").strip()
+    return found
+
+
+def stale_cluster_processes() -> dict[int, str]:
+    """Cluster processes (etcd, kube-*, containerd and its shims) of a test cluster whose
+    session died without stopping it: found by their state dir's prefix in their argv."""
+    names = {"etcd", "containerd", "containerd-shim-runc-v2", *kube_build.BINARIES}
+    return {
+        pid: argv
+        for pid, argv in processes_mentioning(f"/tmp/{STATE_PREFIX}").items()
+        if Path(argv.split(" ", 1)[0]).name in names
+    }
+
+
 def new_state_dir() -> Path:
     """A fresh short state dir under /tmp (unix socket paths must stay under 108 bytes)."""
-    return Path(tempfile.mkdtemp(prefix="corral-kube-", dir="/tmp"))
+    return Path(tempfile.mkdtemp(prefix=STATE_PREFIX, dir="/tmp"))
 
 
 image_build: Any = load_script("corral_image_build", ROOT / "image" / "build.py")

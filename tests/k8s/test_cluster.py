@@ -4,6 +4,8 @@ a pod's service-account token reaches the API server with its own (RBAC-limited)
 from __future__ import annotations
 
 import json
+import subprocess
+import sys
 import time
 from pathlib import Path
 from typing import Any
@@ -13,6 +15,7 @@ from tests.integration.harness import build_guest
 from tests.k8s.cluster import (
     BRIDGE,
     PAUSE_IMAGE,
+    STATE_PREFIX,
     Cluster,
     ClusterError,
     RunnerImage,
@@ -70,6 +73,25 @@ def test_missing_binaries_fail_naming_make_kube(tmp_path: Path) -> None:
     with pytest.raises(ClusterError, match=r"missing .*kube-apiserver.*Run\s+`make kube`"):
         cluster.start()
     assert not (tmp_path / "state").exists()
+
+
+def test_a_stale_cluster_process_is_refused_with_its_pid(tmp_path: Path) -> None:
+    fake = tmp_path / "bin"
+    fake.mkdir()
+    (fake / "etcd").symlink_to(Path(sys.executable).resolve())
+    argv = [str(fake / "etcd"), "-c", "import time; time.sleep(600)", f"/tmp/{STATE_PREFIX}dead"]
+    stale = subprocess.Popen(argv)
+    cluster = Cluster(tmp_path / "state")
+    try:
+        time.sleep(0.5)
+        assert stale.poll() is None, "the stand-in for a stale etcd runs"
+        with pytest.raises(ClusterError, match=rf"session that died.*pid {stale.pid}: "):
+            cluster.start()
+        assert stale.poll() is None, "a stale process is reported, never killed"
+    finally:
+        cluster.stop()
+        stale.kill()
+        stale.wait()
 
 
 def test_teardown_kills_pods_unmounts_first_and_keeps_host_paths(tmp_path: Path) -> None:
