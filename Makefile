@@ -18,14 +18,19 @@ PYTEST_ARGS ?=
 # npm vendors the web pages' front-end packages (scripts/vendor-web.sh): Debian's npm is installed
 # only where no npm exists, on its own (it conflicts with a nodejs that bundles npm, as
 # NodeSource's does, which would fail the whole install).
+# The Kubernetes tests (tests/k8s): golang-go, rsync, dpkg-dev and Debian's reflect2 1.0.2 build
+# the cluster binaries (kube/build.py); etcd-server, containerd, runc and the CNI plugins run the
+# node; gcc (static pause binary), umoci and skopeo make the images (image/build.py).
 APT_PACKAGES := qemu-system-x86 qemu-utils qemu-block-extra swtpm swtpm-tools ovmf \
 	mtools dosfstools genisoimage cpio zstd busybox-static debootstrap \
-	python3-venv systemd iproute2 util-linux rabbitmq-server openssl chromium
+	python3-venv systemd iproute2 util-linux rabbitmq-server openssl chromium \
+	golang-go rsync dpkg-dev golang-github-modern-go-reflect2-dev etcd-server containerd runc \
+	containernetworking-plugins umoci skopeo gcc libc6-dev
 APT_COMMANDS := qemu-system-x86_64 qemu-img swtpm swtpm_setup mcopy mkfs.vfat genisoimage \
 	cpio zstd busybox debootstrap systemd-analyze ip unshare rabbitmq-server epmd openssl \
-	chromium
+	chromium go rsync dpkg-source etcd containerd ctr runc umoci skopeo gcc
 
-.PHONY: help run stop test lint bench deps deps-system deps-python guests web clean
+.PHONY: help run stop test lint bench deps deps-system deps-python guests web kube image clean
 
 help:
 	@echo "make run    - start corral serve and a demo VM (installs qemu & co. if missing)"
@@ -34,6 +39,8 @@ help:
 	@echo "make lint   - ruff, mypy --strict, import-linter"
 	@echo "make bench  - corral vs raw qemu vs libvirt, side by side (docs/benchmarks.md)"
 	@echo "make web    - vendor the web pages' front-end packages from npm (make run/test do it)"
+	@echo "make kube   - build the test cluster's Kubernetes binaries (cached, ~8 min cold)"
+	@echo "make image  - build the corral runner image localhost/corral:dev (cached)"
 
 deps: deps-system deps-python
 
@@ -42,6 +49,8 @@ deps-system:
 	for c in $(APT_COMMANDS); do command -v $$c >/dev/null 2>&1 || PATH="$$PATH:/usr/sbin:/sbin" command -v $$c >/dev/null 2>&1 || missing="$$missing $$c"; done; \
 	[ -e /usr/share/OVMF/OVMF_CODE_4M.fd ] || [ -e /usr/share/OVMF/OVMF_CODE.fd ] || missing="$$missing ovmf"; \
 	ls /usr/lib/*/qemu/block-curl.so >/dev/null 2>&1 || missing="$$missing qemu-block-extra"; \
+	[ -e /usr/lib/cni/bridge ] || missing="$$missing containernetworking-plugins"; \
+	[ -d /usr/share/gocode/src/github.com/modern-go/reflect2 ] || missing="$$missing reflect2"; \
 	python3 -c 'import ensurepip' 2>/dev/null || missing="$$missing venv"; \
 	if [ -n "$$missing" ]; then \
 		echo "[deps] missing:$$missing -> apt-get install"; \
@@ -80,12 +89,21 @@ run: deps web
 stop: deps-python
 	$(PY) examples/demo.py stop
 
-test: deps web lint
+# The Kubernetes binaries from Debian's kubernetes source, cached in
+# $${CORRAL_KUBE_CACHE:-~/.cache/corral/kube} and rebuilt only when missing.
+kube: deps
+	$(PY) kube/build.py
+
+# The runner image (docker-archive, tag localhost/corral:dev), cached by a hash of the sources.
+image: deps
+	$(PY) image/build.py
+
+test: deps web lint kube image
 	$(PY) -m pytest $(PYTEST_ARGS)
 
 lint: deps-python
-	$(VENV)/bin/ruff check src tests guests examples bench
-	$(VENV)/bin/ruff format --check src tests guests examples bench
+	$(VENV)/bin/ruff check src tests guests examples bench kube image
+	$(VENV)/bin/ruff format --check src tests guests examples bench kube image
 	$(VENV)/bin/mypy src
 	$(VENV)/bin/lint-imports
 

@@ -31,8 +31,18 @@ import pytest
 KNOWN_LEAKS: dict[str, str] = {}
 
 # Variables of the test set-up, not of corral: where guests/build.py caches the test guests,
-# and the switch that rewrites golden files. Every other CORRAL_* is removed.
-KEPT_ENV = frozenset({"CORRAL_CACHE_DIR", "CORRAL_UPDATE_GOLDEN"})
+# where kube/build.py and image/build.py cache the cluster binaries and the runner image,
+# keeping the test cluster's state dir, and the switch that rewrites golden files. Every
+# other CORRAL_* is removed.
+KEPT_ENV = frozenset(
+    {
+        "CORRAL_CACHE_DIR",
+        "CORRAL_UPDATE_GOLDEN",
+        "CORRAL_KUBE_CACHE",
+        "CORRAL_IMAGE_CACHE",
+        "CORRAL_KUBE_KEEP",
+    }
+)
 
 # Read by corral for default paths: runner data/runtime dirs, the client's socket, systemd
 # user units.

@@ -41,6 +41,9 @@ def test_yaml_example_is_valid(where: str, text: str) -> None:
             assert str(entry["passwordHash"]).startswith("$2b$"), where
         return
     assert isinstance(data, dict), where
+    if "containers" in data:  # a pod spec fragment (docs/runner-image.md): the image it runs
+        assert all({"name", "image"} <= set(c) for c in data["containers"]), where
+        return
     if set(data) == {"spec"} and "vm" not in data["spec"]:  # a fragment of a document's spec
         data = {"metadata": {"name": "fragment"}, "spec": {**data["spec"], "vm": {}}}
     if text.startswith("# manager config"):

@@ -49,6 +49,8 @@ COMMANDS: dict[str, tuple[str, str | None]] = {
     "render": ("corral.cli.render:render",
                "Print the qemu argv for a VM document, one argument per line, without starting "
                "it (-o json|yaml: a list; -o name: the VM's name)."),
+    "operator": ("corral.cli.operator:operator",
+                 "The Kubernetes operator: VirtualMachine resources become runner pods."),
     "reset": ("corral.cli.vm.lifecycle:reset", "Hard-reset VMs (the guest reboots at once)."),
     "restart": ("corral.cli.vm.lifecycle:restart", "Stop gracefully and start again."),
     "run": ("corral.cli.run:run",

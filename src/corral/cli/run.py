@@ -10,6 +10,10 @@ As the ``corral`` program (not inside another, e.g. a test's CliRunner) it leave
 ``os._exit`` once the runner has returned: qemu and swtpm are reaped, the status and events
 files written and closed, stdout/stderr flushed; what is left (asyncio's executor threads, the
 interpreter's teardown of every module) only delays the exit a supervisor waits on.
+
+``corral run --kube --namespace NS --name VM`` is the runner of a Kubernetes pod: the document
+is the VirtualMachine object, the status goes to its status subresource
+(:mod:`corral.k8s.runner`).
 """
 
 from __future__ import annotations
@@ -23,7 +27,11 @@ import click
 
 
 @click.command()
-@click.option("-c", "--config", "config", required=True, type=click.Path(dir_okay=False))
+@click.option("-c", "--config", "config", default=None, type=click.Path(dir_okay=False))
+@click.option("--kube", is_flag=True, help="Read the VM from its Kubernetes object (in a pod).")
+@click.option("--namespace", default=None, help="--kube: the VirtualMachine's namespace.")
+@click.option("--name", default=None, help="--kube: the VirtualMachine's name.")
+@click.option("--group", default="corral.dev", show_default=True, help="--kube: its API group.")
 @click.option("--data-dir", default=None, help="Persistent files (overrides runner.dataDir).")
 @click.option("--runtime-dir", default=None, help="Sockets, pidfile (overrides runner.runtimeDir).")
 @click.option("--status-file", default=None, help="Status JSON (overrides runner.statusFile).")
@@ -40,7 +48,11 @@ import click
 @click.pass_context
 def run(
     ctx: click.Context,
-    config: str,
+    config: str | None,
+    kube: bool,
+    namespace: str | None,
+    name: str | None,
+    group: str,
     data_dir: str | None,
     runtime_dir: str | None,
     status_file: str | None,
@@ -52,6 +64,22 @@ def run(
     poll: float,
 ) -> None:
     """Run one VM in the foreground and keep it matching its document."""
+    if kube:
+        from corral.k8s.runner import run_kube_program
+
+        if not (namespace and name) or config:
+            raise click.UsageError("--kube needs --namespace and --name, and no --config")
+        sys.exit(
+            asyncio.run(
+                run_kube_program(
+                    namespace, name, group=group, data_dir=data_dir, runtime_dir=runtime_dir,
+                    display_secret_file=display_secret_file, policy_file=policy_file,
+                    accel=accel, poll=poll,
+                )
+            )
+        )  # fmt: skip
+    if config is None:
+        raise click.UsageError("Missing option '-c' / '--config'.")
     from corral.runner.program import run_file_program
 
     whole_process = bool((ctx.find_root().obj or {}).get("process"))

@@ -256,6 +256,11 @@ class Watchers(LiveSettings):
                     onlined = await agent.online_all_vcpus()
                     if onlined:
                         self._event("VcpusOnlined", count=onlined)
+                    # a guest lists a hot-plugged CPU only once it has handled the ACPI
+                    # notification (a second or more under TCG): until it lists them all,
+                    # ask again next round, or the late ones would stay offline
+                    if len(await agent.vcpus()) < (self.status.cpus or 0):
+                        self._want_cpus_online = True
                 if time.monotonic() - last_ips > _AGENT_POLL:
                     last_ips = time.monotonic()
                     ips = await agent.ips()
