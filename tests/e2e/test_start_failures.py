@@ -97,7 +97,9 @@ def test_start_of_a_vm_whose_host_port_is_taken_is_refused_before_qemu(
 
 
 def test_a_vm_that_never_boots_says_why_and_stops_at_once(stack: Stack) -> None:
-    _apply(stack, {**no_boot_device("sf-noboot", bootTimeout=10, state="Running")})
+    # 30 s: OVMF under TCG prints its first lines within ~3 s on an idle machine, but a loaded
+    # one (10 guests booting beside it) left the console empty after 10 s
+    _apply(stack, {**no_boot_device("sf-noboot", bootTimeout=30, state="Running")})
 
     def timed_out() -> bool:
         booted = stack.vm("sf-noboot")["status"].get("conditions", {}).get("Booted", {})
