@@ -18,7 +18,7 @@ Packed as an OCI layout with ``umoci`` and converted with ``skopeo`` to a docker
 ``<cache>/corral-<key>.tar``, tag ``localhost/corral:dev``. The key hashes this script, the
 base key and every file of ``src/`` plus ``pyproject.toml``, so a rerun with nothing changed
 only prints the path. Import it with ``ctr -n k8s.io images import``; pods use
-``imagePullPolicy: Never``. The same image runs the operator (command ``corral operator``).
+``imagePullPolicy: Never``. The same image runs the operator (command ``corral operator run``).
 ``image/Dockerfile`` builds the same image where a Docker engine exists.
 """
 

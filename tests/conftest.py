@@ -37,6 +37,7 @@ KNOWN_LEAKS: dict[str, str] = {}
 KEPT_ENV = frozenset(
     {
         "CORRAL_CACHE_DIR",
+        "CORRAL_DOCS_SCREENSHOTS",
         "CORRAL_UPDATE_GOLDEN",
         "CORRAL_KUBE_CACHE",
         "CORRAL_IMAGE_CACHE",
