@@ -58,6 +58,12 @@ class AmqpStack(Stack):
         (root / "corral.yaml").write_text(yaml.safe_dump({"amqp": amqp, **config}))
         self.token = self.ok("token", "create", "ci", "--file", str(self.tokens)).strip()
 
+    def import_blank(self, name: str) -> None:
+        """A 1 MiB blank base image ``name`` in the daemon's image store (what creates use)."""
+        base = self.root / f"{name}.raw"
+        base.write_bytes(b"\0" * 2**20)
+        self.ok("image", "import", name, str(base), "--no-progress")
+
     def start(self) -> None:
         consuming = self.full_log().count("AmqpConsuming")
         with (self.root / "daemon.log").open("ab") as log:
@@ -226,12 +232,8 @@ def wait_state(stack: AmqpStack, client: AetherscaleClient, name: str, state: st
     stack.wait(lambda: states(client).get(name) == state, timeout, f"{name} {state}")
 
 
-def test_aetherscale_round_trip_runs_real_qemu(
-    stack: AmqpStack, client: AetherscaleClient, tmp_path: Path
-) -> None:
-    base = tmp_path / "base.raw"
-    base.write_bytes(b"\0" * 2**20)
-    stack.ok("image", "import", "blank", str(base), "--no-progress")
+def test_aetherscale_round_trip_runs_real_qemu(stack: AmqpStack, client: AetherscaleClient) -> None:
+    stack.import_blank("blank")
     assert ok(client.send_msg({"command": "list-vms"})) == []
 
     created = ok(client.send_msg({"command": "create-vm", "options": {"image": "blank"}}))
@@ -406,11 +408,9 @@ def test_a_body_over_the_brokers_max_message_size_never_reaches_a_daemon(
 
 
 def test_a_request_delivered_twice_is_applied_once(
-    stack: AmqpStack, client: AetherscaleClient, tmp_path: Path
+    stack: AmqpStack, client: AetherscaleClient
 ) -> None:
-    base = tmp_path / "base.raw"
-    base.write_bytes(b"\0" * 2**20)
-    stack.ok("image", "import", "blank2", str(base), "--no-progress")
+    stack.import_blank("blank2")
     create = {"command": "create-vm", "options": {"image": "blank2"}}
     mid = f"req-{uuid.uuid4()}"
     first = client.send_msg(create, message_id=mid)
@@ -433,13 +433,11 @@ def test_a_request_delivered_twice_is_applied_once(
 
 
 def test_creates_held_by_a_killed_daemon_are_delivered_again_and_applied_once(
-    stack: AmqpStack, rabbitmq: Broker, tmp_path: Path
+    stack: AmqpStack, rabbitmq: Broker
 ) -> None:
     """SIGSTOP the daemon, publish creates (each with a message id, one twice), SIGKILL it:
     the broker holds them unacked, then hands them to the restarted daemon."""
-    base = tmp_path / "base.raw"
-    base.write_bytes(b"\0" * 2**20)
-    stack.ok("image", "import", "blank3", str(base), "--no-progress")
+    stack.import_blank("blank3")
     assert stack.proc is not None
     client = AetherscaleClient(rabbitmq.url)
     try:
@@ -520,16 +518,12 @@ def test_a_broker_restart_mid_stream_loses_and_doubles_nothing(
     stack.ok("delete", *sorted(wanted))
 
 
-def test_round_trip_figures_against_rest(
-    stack: AmqpStack, client: AetherscaleClient, tmp_path: Path
-) -> None:
+def test_round_trip_figures_against_rest(stack: AmqpStack, client: AetherscaleClient) -> None:
     """list-vms and create-vm over AMQP and the same over REST (TCP + token) in the same run:
     p50/p99, printed and written to :data:`FIGURES`, and bounded
     generously (2 shared cores). Each create is of a VM to run, as aetherscale's; it is
     killed right after, so few qemus run at once."""
-    base = tmp_path / "base.raw"
-    base.write_bytes(b"\0" * 2**20)
-    stack.ok("image", "import", "fig", str(base), "--no-progress")
+    stack.import_blank("fig")
     figures: dict[str, list[float]] = {"amqp list-vms": [], "rest GET /v1/vms": [],
                                        "amqp create-vm": [], "rest POST /v1/vms": []}  # fmt: skip
     headers = {"Authorization": f"Bearer {stack.token}"}
