@@ -11,9 +11,8 @@ gets a fresh one that expires in seconds from ``POST /v1/vms/{name}/display``).
 from __future__ import annotations
 
 import asyncio
-import contextlib
 import itertools
-from collections.abc import AsyncIterator
+from contextlib import AbstractAsyncContextManager
 from pathlib import Path
 
 from starlette.websockets import WebSocket
@@ -21,6 +20,7 @@ from starlette.websockets import WebSocket
 from corral.api.console import proxy_console
 from corral.errors import Conflict, HostError
 from corral.manager import Manager
+from corral.manager.backends.base import ConsoleStream, open_stream
 
 __all__ = ["display_address", "display_stream", "proxy_display", "vv_file"]
 
@@ -72,22 +72,14 @@ def _started_with(pid: object, protocol: str, host: str, port: int) -> bool:
     return False
 
 
-@contextlib.asynccontextmanager
-async def display_stream(
-    address: tuple[str, int],
-) -> AsyncIterator[tuple[asyncio.StreamReader, asyncio.StreamWriter]]:
+def display_stream(address: tuple[str, int]) -> AbstractAsyncContextManager[ConsoleStream]:
     """A TCP connection to a display server (VNC, SPICE), as the API's console proxy takes a
     stream."""
-    try:
-        reader, writer = await asyncio.wait_for(asyncio.open_connection(*address), _CONNECT_TIMEOUT)
-    except (OSError, TimeoutError) as exc:
-        raise HostError(f"cannot reach the display server: {exc}") from exc
-    try:
-        yield reader, writer
-    finally:
-        writer.close()
-        with contextlib.suppress(OSError):
-            await writer.wait_closed()
+    return open_stream(
+        lambda: asyncio.open_connection(*address),
+        lambda exc: HostError(f"cannot reach the display server: {exc}"),
+        _CONNECT_TIMEOUT,
+    )
 
 
 async def proxy_display(websocket: WebSocket, address: tuple[str, int]) -> None:

@@ -20,13 +20,13 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import os
-from collections.abc import AsyncIterator, Callable
+from collections.abc import AsyncIterator, Awaitable, Callable
 from dataclasses import dataclass, field
 from enum import StrEnum
 from pathlib import Path
 from typing import TYPE_CHECKING, Any, Protocol
 
-from corral.errors import NotFound, Unsupported
+from corral.errors import CorralError, NotFound, Unsupported
 from corral.qemu.agent import ExecResult
 from corral.runner.config import LogSource
 from corral.runner.status import VmState
@@ -47,6 +47,7 @@ __all__ = [
     "EventCallback",
     "Observed",
     "StatusCallback",
+    "open_stream",
     "open_unix_console",
     "require_capability",
 ]
@@ -170,11 +171,18 @@ def require_capability(backend: Backend, capability: Capability, what: str) -> N
         )
 
 
-async def _unix_console(path: Path, name: str) -> AsyncIterator[ConsoleStream]:
+@contextlib.asynccontextmanager
+async def open_stream(
+    connect: Callable[[], Awaitable[ConsoleStream]],
+    refuse: Callable[[Exception], CorralError],
+    timeout: float = 5.0,
+) -> AsyncIterator[ConsoleStream]:
+    """A stream from ``connect`` (an ``asyncio.open_*connection``) within ``timeout``, closed
+    on exit; a connection that fails or times out raises ``refuse(exc)``."""
     try:
-        reader, writer = await asyncio.wait_for(asyncio.open_unix_connection(str(path)), 5.0)
+        reader, writer = await asyncio.wait_for(connect(), timeout)
     except (OSError, TimeoutError) as exc:
-        raise NotFound(f"console unavailable: {exc}") from exc
+        raise refuse(exc) from exc
     try:
         yield reader, writer
     finally:
@@ -186,4 +194,7 @@ async def _unix_console(path: Path, name: str) -> AsyncIterator[ConsoleStream]:
 def open_unix_console(path: Path, name: str) -> AbstractAsyncContextManager[ConsoleStream]:
     """The console stream of a placement on this host: qemu's console socket at ``path``
     (qemu serves one client at a time; a second waits in the listen queue)."""
-    return contextlib.asynccontextmanager(_unix_console)(path, name)
+    return open_stream(
+        lambda: asyncio.open_unix_connection(str(path)),
+        lambda exc: NotFound(f"console unavailable: {exc}"),
+    )
