@@ -146,3 +146,44 @@ def test_runner_document_maps_claims_and_images_into_the_pod() -> None:
     assert fs.file.size == 1024**3
     assert block.device is not None and block.device.path == "/dev/disk3-disk"
     assert doc.vm.current_cpus == 2 and doc.name == "test-vm"
+
+
+def test_a_runner_pod_may_name_only_its_own_volumes_and_devices(
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    """The attack: a VirtualMachine author points a disk at the host's /dev/sda (a privileged
+    pod sees the host's /dev) or at /etc in the pod. The runner's policy (no --policy) names
+    only the pod's own volumes and claim devices, so both are refused by field; the VM's own
+    claims, images and host paths pass."""
+    from corral.errors import PolicyError
+    from corral.k8s.runner import pod_policy
+    from corral.spec import check_policy
+
+    obj = _obj()
+    obj["spec"]["vm"]["disks"][3]["volumeClaimTemplate"]["spec"]["volumeMode"] = "Block"
+    settings = OperatorSettings(
+        host_paths=("/srv/guests",), image_volume="claim:vmop-image-repository"
+    )
+    pod = pod_manifest(obj, settings, display="test-vm-display-secret")
+    (container,) = pod["spec"]["containers"]
+    env = {e["name"]: e.get("value") for e in container["env"]}
+    paths = env["CORRAL_IMAGE_PATHS"].split(":")
+    assert "/dev/disk3-disk" in paths and "/var/lib/corral/disks/system" in paths
+    assert {"/var/lib/corral/images", "/srv/guests", "/var/lib/corral/vm"} <= set(paths)
+    assert not any(p in ("/", "/dev", "/run/corral") for p in paths)
+
+    monkeypatch.setenv("CORRAL_IMAGE_PATHS", env["CORRAL_IMAGE_PATHS"])
+    policy = pod_policy()
+    doc = runner_document({**obj, "status": {"state": "Running"}})
+    check_policy(doc, policy)  # the VM's own claims, images and device pass
+
+    for evil in ("/dev/sda", "/etc/shadow"):
+        bad = copy.deepcopy(obj)
+        bad["spec"]["vm"]["disks"].append({"file": {"path": evil}})
+        with pytest.raises(PolicyError) as refused:
+            check_policy(runner_document({**bad, "status": {"state": "Running"}}), policy)
+        assert "spec.vm.disks[4].file.path" in str(refused.value.issues), evil
+
+    monkeypatch.delenv("CORRAL_IMAGE_PATHS")
+    with pytest.raises(PolicyError):  # an old pod without the list: nothing local, not all
+        check_policy(doc, pod_policy())

@@ -34,6 +34,7 @@ __all__ = [
     "DISKS_DIR",
     "DISPLAY_SECRET_DIR",
     "IMAGES_DIR",
+    "IMAGE_PATHS_ENV",
     "MANAGED_BY",
     "RUNTIME_DIR",
     "ClaimDisk",
@@ -54,6 +55,7 @@ DISKS_DIR = "/var/lib/corral/disks"
 IMAGES_DIR = "/var/lib/corral/images"
 RUNTIME_DIR = "/run/corral"
 DISPLAY_SECRET_DIR = "/var/run/corral/display-secret"  # noqa: S105 (a path)
+IMAGE_PATHS_ENV = "CORRAL_IMAGE_PATHS"  # the pod's volumes: its runner's imagePaths
 GRACE_MARGIN = 30
 """Seconds on top of ``powerdownTimeout`` before the kubelet kills the runner: its own quit
 and SIGKILL steps after the powerdown wait."""
@@ -318,6 +320,10 @@ def pod_manifest(
         "--runtime-dir",
         f"{RUNTIME_DIR}/{vm}",
     ]
+    # what a document may name in the pod: its own volumes and devices, never the rest of a
+    # privileged pod's view of the host (/dev, /): the runner's host policy imagePaths
+    image_paths = [m["mountPath"] for m in mounts if m["name"] != "runtime"]
+    image_paths += [d["devicePath"] for d in devices]
     if display is not None:
         volumes.append({"name": "display-secret", "secret": {"secretName": display}})
         mounts.append({"name": "display-secret", "mountPath": DISPLAY_SECRET_DIR, "readOnly": True})
@@ -326,6 +332,7 @@ def pod_manifest(
         args += ["--accel", settings.accel]
     env: list[dict[str, Any]] = [
         {"name": "CORRAL_NODE_NAME", "valueFrom": {"fieldRef": {"fieldPath": "spec.nodeName"}}},
+        {"name": IMAGE_PATHS_ENV, "value": ":".join(image_paths)},
     ]
     if settings.api_host:
         env.append({"name": "KUBERNETES_SERVICE_HOST", "value": settings.api_host})

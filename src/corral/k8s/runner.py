@@ -27,9 +27,9 @@ from corral import __version__
 from corral.errors import CorralError, SpecError
 from corral.k8s.api import KubeApi
 from corral.k8s.crd import CrdNames, names_for
-from corral.k8s.resources import runner_document
+from corral.k8s.resources import IMAGE_PATHS_ENV, runner_document
 from corral.runner.status import ConditionStatus, VmState, VmStatus
-from corral.spec import VmDocument
+from corral.spec import HostPolicy, VmDocument
 from corral.spec.sizes import format_size
 
 __all__ = ["KubeDocumentSource", "KubeStatusSink", "run_kube_program", "status_patch"]
@@ -265,6 +265,15 @@ async def post_event(
     )
 
 
+def pod_policy() -> HostPolicy:
+    """The runner pod's host policy without ``--policy``: images from URLs, qemu as the pod's
+    user, and ``imagePaths`` only the pod's own volumes and devices (``CORRAL_IMAGE_PATHS``,
+    set by the operator; none when it is missing): a privileged pod sees the host's /dev, and
+    a VirtualMachine's author must not reach it through a disk path."""
+    paths = [p for p in os.environ.get(IMAGE_PATHS_ENV, "").split(":") if p]
+    return HostPolicy(remote_images=True, run_as=None, image_paths=paths)
+
+
 async def run_kube_program(
     namespace: str,
     name: str,
@@ -281,7 +290,7 @@ async def run_kube_program(
     from corral.qemu.fingerprint import find_emulator, resolve_accelerator
     from corral.runner.config import resolve_paths
     from corral.runner.program import run_program
-    from corral.spec import HostPolicy, load_policy
+    from corral.spec import load_policy
 
     names = names_for(group)
     api = KubeApi.from_environment()
@@ -298,9 +307,7 @@ async def run_kube_program(
             print(f"corral: {name} is Stopped; waiting for the pod to go", file=sys.stderr)
             await _wait_for_signal()
             return 0
-        policy = (
-            load_policy(policy_file) if policy_file else HostPolicy(remote_images=True, run_as=None)
-        )
+        policy = load_policy(policy_file) if policy_file else pod_policy()
         paths = resolve_paths(
             doc,
             data_dir=data_dir,
